@@ -1,0 +1,36 @@
+"""pefc: a plugin-based compiler for parameter-efficient fine-tuning specs.
+
+>>> import pefc
+>>> spec = pefc.load_spec("specs/llama-lora.yaml")
+>>> cm = pefc.compile(spec)
+>>> cm.parameter_report()
+"""
+
+from pefc.compiled import CompiledModel
+from pefc.compiler import compile
+from pefc.config import AdapterConfig
+from pefc.errors import (
+    CaptureError,
+    CheckpointError,
+    ExportError,
+    ModelSourceError,
+    PefcError,
+    PluginError,
+    SpecError,
+    TargetError,
+    VerificationError,
+)
+from pefc.hookspecs import hookimpl
+from pefc.method import Method
+from pefc.rewrite import BakeableModule, RewriteContext, SiteModule
+from pefc.sites import ActivationSite, AttentionSite, EmbeddingSite, LinearSite, Site
+from pefc.spec import Spec, load_spec, parse_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationSite", "AdapterConfig", "AttentionSite", "BakeableModule", "CaptureError", "CheckpointError",
+    "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "PefcError",
+    "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
+    "VerificationError", "compile", "hookimpl", "load_spec", "parse_spec",
+]

@@ -1,0 +1,116 @@
+"""Captures a model as an ATen-level ``fx.GraphModule`` with torch.export (non-strict).
+
+The model is captured in training mode so that every dropout appears in the graph; the
+:func:`bind_dropout_to_mode` pass then makes each one follow ``module.train()`` /
+``module.eval()`` at run time, as in the original model.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export import Dim
+
+from pefc.errors import CaptureError
+from pefc.graphutil import get_arg, set_arg
+
+TRAINING_FLAG = "_pefc_training"
+DROPOUT_OPS = (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
+               torch.ops.aten.alpha_dropout.default)
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+class TrainingFlag(nn.Module):
+    """Returns ``self.training``: the graph's dropouts read it, so train()/eval() switch them."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dict[str, list[int]],
+            *, name: str | None = None) -> fx.GraphModule:
+    """Export ``model(**inputs)`` with ``dynamic_dims[input] = [dim indices]`` dynamic."""
+    name = name or type(model).__name__
+    dynamic_shapes = {key: {i: Dim.DYNAMIC for i in dynamic_dims.get(key, [])} or None for key in inputs}
+    with _capture_mode(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:
+            raise CaptureError(f"cannot capture model {name} with torch.export: {_reason(exc)}",
+                               hint=_capture_hint(exc)) from exc
+    exported = program.module()
+    graph_module = fx.GraphModule(exported, exported.graph, class_name=name)
+    bind_dropout_to_mode(graph_module)
+    return graph_module
+
+
+@contextmanager
+def _capture_mode(model: nn.Module) -> Iterator[None]:
+    """Training mode (dropouts visible) and, for transformers models, no KV cache outputs."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    saved = {key: getattr(config, key) for key in ("use_cache", "return_dict") if hasattr(config, key)}
+    model.train()
+    if config is not None:
+        if "use_cache" in saved:
+            config.use_cache = False
+        if "return_dict" in saved:
+            config.return_dict = True
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for key, value in saved.items():
+            setattr(config, key, value)
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head = lines[0] if lines else ""
+    detail = next((line for line in lines[1:] if "user code" not in line.lower() and len(line) > 10), "")
+    reason = f"{type(exc).__name__}: {head}"
+    if detail and len(reason) < 200:
+        reason += f" ({detail})"
+    return reason[:600]
+
+
+def _capture_hint(exc: BaseException) -> str:
+    text = str(exc)
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        return "the model branches on tensor values; make the branch static or use torch.cond"
+    if "Constraints violated" in text or "specialized" in text:
+        return "a named dim of `inputs` cannot be dynamic for this model; make it a fixed integer"
+    return "check that the model runs eagerly on the spec's example inputs and uses no Python-side state"
+
+
+def bind_dropout_to_mode(graph_module: fx.GraphModule) -> None:
+    """Make every dropout (and SDPA's ``dropout_p``) depend on the module's training flag."""
+    graph = graph_module.graph
+    targets = [n for n in graph.nodes if n.op == "call_function" and
+               (n.target in DROPOUT_OPS or (n.target is SDPA and _float(get_arg(n, "dropout_p")) > 0))]
+    if not targets:
+        return
+    graph_module.add_submodule(TRAINING_FLAG, TrainingFlag())
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        flag = graph.call_module(TRAINING_FLAG, ())
+    for node in targets:
+        if node.target is SDPA:
+            with graph.inserting_before(node):
+                p = graph.call_function(operator.mul, (_float(get_arg(node, "dropout_p")), flag))
+            set_arg(node, "dropout_p", p)
+        else:
+            set_arg(node, "train", flag)
+    graph_module.recompile()
+
+
+def _float(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0

@@ -1,0 +1,171 @@
+"""The ``pefc`` command line.
+
+Exit codes: 0 success, 2 bad input (spec, targets, checkpoint, plugin), 1 failed work
+(e.g. verification). Errors print as one paragraph; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pefc.errors import PefcError
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, Handler] = {}
+
+
+def command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pefc", description="Compile PEFT specs into trainable PyTorch modules.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="parse and validate a spec; print where and why it is wrong")
+    p.add_argument("spec")
+    sub.add_parser("schema", help="print the JSON Schema of the spec (built-ins and installed plugins)")
+    p = sub.add_parser("plugins", help="list installed methods and where they come from")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="sites matched, trainable params per adapter, %% of base, mergeable")
+    p.add_argument("spec")
+    p.add_argument("--meta", action="store_true", help="plan on the meta device: no weights allocated")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("compile", help="compile a spec; write DIR/adapters.safetensors + DIR/spec.json")
+    p.add_argument("spec")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+
+    p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.filterwarnings("ignore")
+        _quiet_transformers()
+    try:
+        return _COMMANDS[args.command](args)
+    except PefcError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"pefc {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # e.g. `pefc inspect ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"pefc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@command("validate")
+def _validate(args: argparse.Namespace) -> int:
+    from pefc.spec import load_spec
+
+    spec = load_spec(args.spec)
+    methods = ", ".join(f"{a.name}:{a.method}" for a in spec.adapters) or "no adapters"
+    print(f"{args.spec}: valid ({methods})")
+    return 0
+
+
+@command("schema")
+def _schema(args: argparse.Namespace) -> int:
+    from pefc.spec import spec_schema
+
+    _print_json(spec_schema())
+    return 0
+
+
+@command("plugins")
+def _plugins(args: argparse.Namespace) -> int:
+    from pefc.registry import default_registry
+
+    registry = default_registry()
+    rows = []
+    for info in registry.plugins:
+        for name in info.methods or ("-",):
+            method = registry.methods.get(name)
+            rows.append({"method": name, "plugin": info.name, "module": info.module,
+                         "distribution": info.distribution, "version": info.version,
+                         "mergeable": method.mergeable if method else None,
+                         "description": method.description if method else "", "error": info.error})
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'method':<10} {'mergeable':<9} {'distribution':<22} {'module':<28} description")
+    for row in rows:
+        dist = f"{row['distribution']} {row['version']}" if row["distribution"] else "(not installed)"
+        if row["error"]:
+            print(f"{'-':<10} {'':<9} {dist:<22} {row['module']:<28} FAILED: {row['error']}")
+            continue
+        print(f"{row['method']:<10} {'yes' if row['mergeable'] else 'no':<9} {dist:<22} {row['module']:<28} "
+              f"{row['description']}")
+    return 0
+
+
+@command("inspect")
+def _inspect(args: argparse.Namespace) -> int:
+    import pefc
+
+    spec = pefc.load_spec(args.spec)
+    model = pefc.compile(spec, device="meta" if args.meta else None)
+    report = model.parameter_report()
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.table())
+    return 0
+
+
+@command("compile")
+def _compile(args: argparse.Namespace) -> int:
+    import pefc
+
+    spec = pefc.load_spec(args.spec)
+    model = pefc.compile(spec)
+    out = model.save_adapters(Path(args.output))
+    report = model.parameter_report()
+    print(f"compiled {args.spec}: {report.trainable_params:,} trainable params "
+          f"({report.percent_of_base:.4f}% of {report.base_params:,}); wrote {out}/adapters.safetensors "
+          f"and {out}/spec.json")
+    return 0
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from pefc.demo import run_demo
+
+    run_demo(steps=args.steps, out_dir=args.output)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

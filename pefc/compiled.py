@@ -1,0 +1,169 @@
+"""CompiledModel: the rewritten graph as a trainable ``nn.Module``.
+
+It is an ``fx.GraphModule`` whose code keeps the original call signature and output type
+(transformers models keep returning their output dataclass). Base parameters keep their
+original names and are frozen; adapter parameters are named
+``<adapter name>.<site path>.<param>`` and are the only trainable ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from pefc.checkpoint import read_checkpoint, save_checkpoint
+from pefc.errors import CheckpointError
+from pefc.report import AdapterReport, ParameterReport, SiteReport
+from pefc.rewrite import Insertion
+
+_PRESERVED = "_user_preserved_attributes"  # fx.GraphModule restores these on deepcopy
+
+
+@dataclass
+class CompileState:
+    """What the compiler knows about a CompiledModel beyond its graph."""
+
+    spec: Any
+    insertions: list[Insertion]
+    base_params: int
+    mergeable: dict[str, bool]
+    base_node_count: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return [a.name for a in self.spec.adapters]
+
+
+class CompiledModel(fx.GraphModule):
+    """A base model with adapters inserted into its captured graph."""
+
+    pefc: CompileState
+
+    @classmethod
+    def create(cls, graph_module: fx.GraphModule, state: CompileState) -> CompiledModel:
+        model = cls(graph_module, graph_module.graph, class_name="CompiledModel")
+        model.attach_state(state)
+        return model
+
+    def attach_state(self, state: CompileState) -> None:
+        self.pefc = state
+        self.meta.setdefault(_PRESERVED, {})["pefc"] = state
+
+    def __str__(self) -> str:
+        return self.__repr__()
+
+    def __repr__(self) -> str:
+        report = self.parameter_report()
+        names = ", ".join(f"{a.name}:{a.method}" for a in report.adapters) or "no adapters"
+        return (f"CompiledModel({names}; trainable {report.trainable_params:,} of "
+                f"{report.base_params:,} base params)")
+
+    # -- parameters ------------------------------------------------------------------------
+
+    def adapter_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for name in self.pefc.adapter_names:
+            if hasattr(self, name):
+                yield name, getattr(self, name)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of every adapter (parameters and persistent buffers), by full name."""
+        state: dict[str, torch.Tensor] = {}
+        for name, module in self.adapter_modules():
+            for key, value in module.state_dict().items():
+                state[f"{name}.{key}"] = value
+        return state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_report(self) -> ParameterReport:
+        """Trainable parameters per adapter, site and method; % of base; mergeable."""
+        adapters = []
+        for config in self.pefc.spec.adapters:
+            root = getattr(self, config.name, None)
+            total = sum(p.numel() for p in root.parameters() if p.requires_grad) if root is not None else 0
+            sites, seen = [], set()
+            for ins in self.pefc.insertions:
+                if ins.adapter != config.name or ins.module in seen:
+                    continue
+                seen.add(ins.module)
+                module = self.get_submodule(ins.module)
+                params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+                sites.append(SiteReport(ins.site_path, ins.site_role, ins.site_kind, params,
+                                        _layer(ins.site_path)))
+            adapters.append(AdapterReport(
+                config.name, config.method, total, self.pefc.mergeable.get(config.method, False), sites,
+                shared_params=total - sum(s.params for s in sites),
+                extra=dict(self.pefc.extras.get(config.name, {}))))
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return ParameterReport(self.pefc.base_params, trainable, adapters)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def save_adapters(self, directory: str | Path) -> Path:
+        """Write ``directory/adapters.safetensors`` and ``directory/spec.json`` (atomic, no pickle)."""
+        return save_checkpoint(directory, self.adapter_state_dict(), self.pefc.spec.to_json(),
+                               extra={"base_params": str(self.pefc.base_params)})
+
+    def load_adapters(self, directory: str | Path) -> None:
+        """Load adapter tensors saved by :meth:`save_adapters`; refuse a checkpoint that does not fit."""
+        tensors, spec = read_checkpoint(directory)
+        where = str(Path(directory))
+        _check_adapters_match(where, spec.get("adapters", []), self.pefc.spec)
+        own = self.adapter_state_dict()
+        missing = [k for k in own if k not in tensors]
+        extra = [k for k in tensors if k not in own]
+        if missing:
+            raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing from the checkpoint "
+                                  f"({len(missing)} missing)")
+        if extra:
+            raise CheckpointError(f"{where}: the checkpoint has tensor {extra[0]!r} that this model does not "
+                                  f"have ({len(extra)} unexpected)")
+        for key, target in own.items():
+            value = tensors[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointError(f"{where}: tensor {key!r} has shape {list(value.shape)} in the checkpoint "
+                                      f"but {list(target.shape)} in the model (was it saved for another base model?)")
+            if value.dtype != target.dtype:
+                raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype} in the checkpoint but "
+                                      f"{target.dtype} in the model")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])
+
+    # -- merging ---------------------------------------------------------------------------
+
+    def merge(self) -> CompiledModel:
+        """A copy with every mergeable adapter folded into the base weights (``self`` is untouched)."""
+        from pefc.merge import merge_model
+
+        return merge_model(self)
+
+
+def _layer(path: str) -> int | None:
+    from pefc.sites import layer_of
+
+    return layer_of(path)
+
+
+def _check_adapters_match(where: str, saved: list[dict[str, Any]], spec: Any) -> None:
+    current = [json.loads(a.model_dump_json()) for a in spec.adapters]
+    saved_names = [a.get("name") for a in saved]
+    names = [a["name"] for a in current]
+    if saved_names != names:
+        raise CheckpointError(f"{where}: the checkpoint holds adapters {saved_names} but the model has {names}")
+    for old, new, config in zip(saved, current, spec.adapters, strict=True):
+        for key in sorted((set(old) | set(new)) - set(config.runtime_keys)):
+            if old.get(key) != new.get(key):
+                raise CheckpointError(f"{where}: adapter {new['name']!r} differs in {key!r}: "
+                                      f"checkpoint {old.get(key)!r}, model {new.get(key)!r}")

@@ -1,0 +1,110 @@
+"""The compile driver: spec -> model -> capture -> sites -> plugin rewrites -> CompiledModel."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from pefc.capture import capture
+from pefc.compiled import CompiledModel, CompileState
+from pefc.errors import PefcError, PluginError, SpecError, TargetError
+from pefc.registry import Registry, default_registry
+from pefc.rewrite import Insertion, RewriteContext
+from pefc.sites import SiteMap, find_sites
+from pefc.source import build_model, example_inputs, torch_dtype
+from pefc.spec import SpecBase
+from pefc.targets import match_sites
+
+
+def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict[str, Any] | None = None,
+            *, device: str | None = None, registry: Registry | None = None) -> CompiledModel:
+    """Compile ``spec`` into a trainable :class:`CompiledModel`.
+
+    With ``model`` (and optionally ``example_inputs``) the given module is used instead of
+    ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors.
+    ``device="meta"`` plans without allocating weights.
+    """
+    registry = registry or default_registry()
+    started = time.perf_counter()
+    if model is None:
+        if spec.model is None:
+            raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
+        model = build_model(spec.model, device=device)
+    inputs = _example_inputs(spec, model, example_inputs)
+    graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+    capture_seconds = time.perf_counter() - started
+    base_params = sum(p.numel() for p in graph_module.parameters())
+    base_node_count = len(graph_module.graph.nodes)
+    sites = find_sites(graph_module)
+    registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
+    insertions = _rewrite_all(spec, graph_module, sites, registry)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    state = CompileState(spec=spec, insertions=insertions, base_params=base_params,
+                         mergeable={name: m.mergeable for name, m in registry.methods.items()},
+                         base_node_count=base_node_count)
+    compiled = CompiledModel.create(graph_module, state)
+    _freeze_base(compiled, spec.adapters)
+    compiled.train(model.training)
+    registry.hook.pefc_after_rewrite(model=compiled, spec=spec)
+    state.extras["timings"] = {"capture_s": capture_seconds, "compile_s": time.perf_counter() - started}
+    return compiled
+
+
+def _example_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
+    if given is not None:
+        return dict(given)
+    device = _model_device(model)
+    return example_inputs(spec, device=device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _dynamic_dims(spec: SpecBase, inputs: dict[str, Any]) -> dict[str, list[int]]:
+    dims: dict[str, list[int]] = {}
+    for name in inputs:
+        entry = spec.inputs.get(name)
+        if entry is not None:
+            dims[name] = [i for i, d in enumerate(entry.shape) if isinstance(d, str)]
+    return dims
+
+
+def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Registry) -> list[Insertion]:
+    insertions: list[Insertion] = []
+    taken = {name for name, _ in graph_module.named_children()}
+    adapter_dtype = getattr(spec, "adapter_dtype", None)
+    for config in spec.adapters:
+        if config.name in taken:
+            raise TargetError(f"adapter name {config.name!r} clashes with the base model's submodule "
+                              f"{config.name!r}; choose another name")
+        method = registry.method(config.method)
+        matched = match_sites(config, sites.sites, method.site_kinds)
+        method.validate_sites(config, matched)
+        ctx = RewriteContext(graph_module, config, insertions,
+                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None)
+        try:
+            method.rewrite(ctx, config, matched)
+        except PefcError:
+            raise
+        except Exception as exc:
+            source = registry.method_sources.get(config.method)
+            origin = f"plugin {source.name!r}" + (f" from {source.distribution}" if source and source.distribution
+                                                  else "") if source else "its plugin"
+            raise PluginError(f"method {config.method!r} ({origin}) failed while inserting adapter "
+                              f"{config.name!r}: {type(exc).__name__}: {exc}") from exc
+        taken.add(config.name)
+    return insertions
+
+
+def _freeze_base(model: CompiledModel, adapters: list[Any]) -> None:
+    names = {a.name for a in adapters}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split(".", 1)[0] in names)

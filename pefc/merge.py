@@ -1,0 +1,70 @@
+"""Folding mergeable adapters into the base weights."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+from pefc.graphutil import attr_value
+from pefc.rewrite import Insertion, SiteModule
+
+if TYPE_CHECKING:
+    from pefc.compiled import CompiledModel
+
+
+def merge_model(model: CompiledModel) -> CompiledModel:
+    """Copy ``model`` and fold every insertion of a mergeable method into its site's weights.
+
+    Output-side modules fold innermost first (graph order), then input-side modules outermost
+    first, which keeps the result exact when several adapters share a site.
+    """
+    merged = copy.deepcopy(model)
+    state = merged.pefc
+    nodes = {n.name: n for n in merged.graph.nodes}
+    order = {n: i for i, n in enumerate(merged.graph.nodes)}
+    foldable = [ins for ins in state.insertions
+                if state.mergeable.get(ins.method) and ins.placement in ("output", "input")]
+    outputs = sorted((i for i in foldable if i.placement == "output"), key=lambda i: order[nodes[i.node]])
+    inputs = sorted((i for i in foldable if i.placement == "input"), key=lambda i: -order[nodes[i.node]])
+    for ins in [*outputs, *inputs]:
+        _fold_one(merged, ins, nodes[ins.node])
+    _drop_unused_attrs(merged.graph)
+    merged.graph.lint()
+    merged.recompile()
+    state.insertions = [i for i in state.insertions if i not in foldable]
+    state.extras = {**state.extras, "merged": sorted({i.adapter for i in foldable})}
+    for name in {i.adapter for i in foldable}:
+        if not any(i.adapter == name for i in state.insertions) and hasattr(merged, name):
+            delattr(merged, name)
+    return merged
+
+
+@torch.no_grad()
+def _fold_one(model: fx.GraphModule, ins: Insertion, node: fx.Node) -> None:
+    module = model.get_submodule(ins.module)
+    if not isinstance(module, SiteModule):
+        raise TypeError(f"{ins.module} ({type(module).__name__}) is not a SiteModule and cannot be folded")
+    weight_param = attr_value(model, ins.weight_name)
+    bias_param = attr_value(model, ins.bias_name) if ins.bias_name else None
+    weight = weight_param if ins.weight_layout == "out_in" else weight_param.t()
+    new_weight, new_bias = module.fold(weight.detach(), bias_param.detach() if bias_param is not None else None)
+    if (new_bias is None) != (bias_param is None):
+        raise ValueError(f"{ins.module}: fold must keep the site's bias presence")
+    weight_param.data = (new_weight if ins.weight_layout == "out_in" else new_weight.t()).to(
+        weight_param.dtype).contiguous()
+    if bias_param is not None and new_bias is not None:
+        bias_param.data = new_bias.to(bias_param.dtype).contiguous()
+    replacement = node.args[1] if ins.placement == "output" else node.args[0]
+    node.replace_all_uses_with(replacement)
+    model.graph.erase_node(node)
+    parent, _, leaf = ins.module.rpartition(".")
+    delattr(model.get_submodule(parent), leaf)
+
+
+def _drop_unused_attrs(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and node.meta.get("pefc_inserted"):
+            graph.erase_node(node)

@@ -1,0 +1,44 @@
+"""The contract of a PEFT method plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from pefc.config import AdapterConfig
+
+if TYPE_CHECKING:
+    from pefc.rewrite import RewriteContext
+    from pefc.sites import Site
+
+
+class Method:
+    """One PEFT method. Plugins subclass it and return instances from ``pefc_methods``.
+
+    Class attributes:
+
+    - ``name``: the value of ``method:`` in a spec.
+    - ``config``: the pydantic model of its spec entry (a subclass of :class:`AdapterConfig`
+      whose ``method`` field is ``Literal[name]``).
+    - ``site_kinds``: which kinds of site it acts on (``linear``, ``attention``,
+      ``embedding``, ``activation``); targets matching other kinds are an error.
+    - ``mergeable``: whether the modules it inserts implement ``fold`` (see
+      :class:`pefc.rewrite.SiteModule`) so :meth:`CompiledModel.merge` can remove them.
+    """
+
+    name: ClassVar[str]
+    config: ClassVar[type[AdapterConfig]]
+    site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    mergeable: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def rewrite(self, ctx: RewriteContext, config: AdapterConfig, sites: Sequence[Site]) -> None:
+        """Insert this adapter at ``sites`` (already matched and filtered) through ``ctx``."""
+        raise NotImplementedError
+
+    def param_count(self, config: AdapterConfig, site: Site) -> int:
+        """The paper's formula: trainable parameters this adapter adds at ``site``."""
+        raise NotImplementedError
+
+    def validate_sites(self, config: AdapterConfig, sites: Sequence[Site]) -> None:  # noqa: B027
+        """Raise :class:`pefc.errors.TargetError` if the matched sites cannot take this adapter."""

@@ -1,0 +1,194 @@
+"""The graph-editing API a method's rewrite rule uses.
+
+One mechanism serves every method: an adapter is an ``nn.Module`` registered under
+``<adapter name>.<site path>`` and called from a ``call_module`` node placed at the site.
+The :class:`RewriteContext` offers the placements the built-in methods need, and records
+each one so that merging, reporting and saving work the same for every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from pefc.config import AdapterConfig
+from pefc.errors import PluginError
+from pefc.sites import LinearSite, Site
+
+
+class SiteModule(nn.Module):
+    """Base of modules placed at a linear site.
+
+    Placed with :meth:`RewriteContext.wrap_output`, ``forward(x, y[, weight, bias])`` returns
+    the new output; with :meth:`RewriteContext.wrap_input`, ``forward(x)`` returns the new
+    input. A mergeable method implements :meth:`fold`.
+    """
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the base ``(weight [out, in], bias)`` with this module folded in."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be folded")
+
+
+class BakeableModule(nn.Module):
+    """Base of modules that hold a training-time parameterisation (e.g. prefix MLP).
+
+    :meth:`bake` returns an equivalent module with plain parameters, used for export.
+    """
+
+    def bake(self) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass
+class Insertion:
+    """One module placed in the graph by one adapter."""
+
+    adapter: str
+    method: str
+    module: str
+    node: str
+    placement: str  # "output", "input" or "custom"
+    site_path: str
+    site_kind: str
+    site_role: str | None
+    weight_name: str | None = None
+    bias_name: str | None = None
+    weight_layout: str | None = None
+
+
+class RewriteContext:
+    """Edits the graph on behalf of one adapter entry of the spec."""
+
+    def __init__(self, graph_module: fx.GraphModule, config: AdapterConfig, insertions: list[Insertion],
+                 *, adapter_dtype: torch.dtype | None = None) -> None:
+        self.graph_module = graph_module
+        self.config = config
+        self._insertions = insertions
+        self._adapter_dtype = adapter_dtype
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    # -- tensors of the base model -----------------------------------------------------
+
+    def weight(self, site: LinearSite) -> torch.Tensor:
+        """The site's frozen base weight as ``[out, in]`` (a view; do not modify)."""
+        return site.weight(self.graph_module).detach()
+
+    def bias(self, site: LinearSite) -> torch.Tensor | None:
+        bias = site.bias(self.graph_module)
+        return bias.detach() if bias is not None else None
+
+    def param(self, name: str) -> torch.Tensor:
+        """A base parameter or buffer by its qualified name."""
+        value: Any = self.graph_module
+        for part in name.split("."):
+            value = getattr(value, part)
+        return value
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.graph_module.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype for new adapter parameters (the spec's ``adapter_dtype``, else the base's)."""
+        if self._adapter_dtype is not None:
+            return self._adapter_dtype
+        return next(p for p in self.graph_module.parameters() if p.is_floating_point()).dtype
+
+    # -- placements -------------------------------------------------------------------------
+
+    def module_name(self, site: Site) -> str:
+        return f"{self.config.name}.{site.path}"
+
+    def add_module(self, site: Site, module: nn.Module) -> str:
+        """Register ``module`` as ``<adapter>.<site path>`` on the adapter's device and dtype."""
+        name = self.module_name(site)
+        try:
+            self.graph_module.get_submodule(name)
+        except AttributeError:
+            pass
+        else:
+            raise PluginError(f"adapter {self.config.name!r} placed two modules at site {site.path!r}")
+        module = module.to(device=self.device)
+        if self.dtype.is_floating_point:
+            module = module.to(dtype=self.dtype)
+        self.graph_module.add_submodule(name, module)
+        return name
+
+    def wrap_output(self, site: LinearSite, module: SiteModule, *, pass_weight: bool = False) -> fx.Node:
+        """Replace the site's output ``y`` by ``module(x, y)`` (or ``module(x, y, W, b)``).
+
+        ``x`` is the input the linear sees now (after earlier input-side adapters).
+        """
+        name = self.add_module(site, module)
+        output = site.output
+        args: tuple[Any, ...] = (_current_input(site), output)
+        with self.graph.inserting_after(output):
+            if pass_weight:
+                args += (self._weight_node(site), self._bias_node(site))
+            node = self.graph.call_module(name, args)
+        output.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        site.output = node  # a later adapter on this site wraps this one: spec order
+        self._record(site, name, node, "output")
+        return node
+
+    def wrap_input(self, site: LinearSite, module: SiteModule) -> fx.Node:
+        """Feed the linear ``module(x)`` instead of its input ``x``."""
+        name = self.add_module(site, module)
+        x = _current_input(site)
+        with self.graph.inserting_before(site.node):
+            node = self.graph.call_module(name, (x,))
+        site.node.replace_input_with(x, node)
+        self._record(site, name, node, "input")
+        return node
+
+    def call_module(self, site: Site, module: nn.Module, args: Sequence[Any], *,
+                    before: fx.Node) -> fx.Node:
+        """Insert ``module(*args)`` before ``before``; the caller rewires its users."""
+        name = self.add_module(site, module)
+        with self.graph.inserting_before(before):
+            node = self.graph.call_module(name, tuple(args))
+        self._record(site, name, node, "custom")
+        return node
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _weight_node(self, site: LinearSite) -> fx.Node:
+        return self._attr_node(site.weight_name)
+
+    def _bias_node(self, site: LinearSite) -> fx.Node | None:
+        return self._attr_node(site.bias_name) if site.bias_name else None
+
+    def _attr_node(self, target: str) -> fx.Node:
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and node.target == target:
+                return node
+        first = next(iter(self.graph.nodes))
+        with self.graph.inserting_before(first):
+            node = self.graph.get_attr(target)
+        node.meta["pefc_inserted"] = True
+        return node
+
+    def _record(self, site: Site, name: str, node: fx.Node, placement: str) -> None:
+        linear = site if isinstance(site, LinearSite) else None
+        self._insertions.append(Insertion(
+            adapter=self.config.name, method=self.config.method, module=name, node=node.name,
+            placement=placement, site_path=site.path, site_kind=site.kind, site_role=site.role,
+            weight_name=linear.weight_name if linear else None,
+            bias_name=linear.bias_name if linear else None,
+            weight_layout=linear.weight_layout if linear else None))
+
+
+def _current_input(site: LinearSite) -> fx.Node:
+    node = site.node
+    if node.target is torch.ops.aten.addmm.default:
+        return node.args[1]  # type: ignore[return-value]
+    return node.args[0]  # type: ignore[return-value]

@@ -1,0 +1,227 @@
+"""The spec: a pydantic model of what to adapt, loaded from YAML or JSON.
+
+The ``adapters`` list is a discriminated union (on ``method``) of the config models of the
+installed method plugins, so a third-party method validates exactly like a built-in.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from pefc.config import AdapterConfig
+from pefc.errors import SpecError
+from pefc.registry import Registry, default_registry
+from pefc.yamlio import load_yaml, yaml_line
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HFSource(_Strict):
+    """A transformers model: random init from a config, or a local pretrained directory."""
+
+    class_: str | None = Field(default=None, alias="class",
+                               description="transformers class name, e.g. LlamaForCausalLM")
+    config: dict[str, Any] = Field(default_factory=dict, description="kwargs of the class's config")
+    pretrained: str | None = Field(default=None, description="local directory written by save_pretrained")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HFSource:
+        if self.pretrained is None and self.class_ is None:
+            raise ValueError("give `class` (with `config`) or `pretrained`")
+        if self.pretrained is not None and self.config:
+            raise ValueError("`config` goes with `class`; a `pretrained` directory brings its own config")
+        return self
+
+
+class ModelSpec(_Strict):
+    """Where the base model comes from, and its dtype and device."""
+
+    hf: HFSource | None = None
+    python: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$",
+                               description='"package.module:factory" returning an nn.Module')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the python factory")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|meta)$")
+    seed: int = Field(default=0, ge=0, description="seed of the random initialisation")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.hf is None) == (self.python is None):
+            raise ValueError("give exactly one of `hf` or `python`")
+        if self.kwargs and self.python is None:
+            raise ValueError("`kwargs` goes with `python`")
+        return self
+
+
+class InputSpec(_Strict):
+    """One example input of the capture. Named dims (strings) are dynamic."""
+
+    shape: list[Annotated[int, Field(ge=1, le=1 << 20)] | Annotated[str, Field(pattern=r"^[A-Za-z_]\w*$")]] = \
+        Field(min_length=0, max_length=8)
+    dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"] = "int64"
+    low: int = 0
+    high: int | None = Field(default=None, description="exclusive upper bound of random ints")
+
+    @model_validator(mode="after")
+    def _range(self) -> InputSpec:
+        if self.high is not None and self.high <= self.low:
+            raise ValueError(f"`high` ({self.high}) must be greater than `low` ({self.low})")
+        return self
+
+
+class CaptureSpec(_Strict):
+    """How to capture: example sizes of named dims."""
+
+    dims: dict[str, Annotated[int, Field(ge=2, le=1 << 16)]] = Field(
+        default_factory=dict, description="example size of each named dim (default: batch 2, seq 8, others 3+)")
+
+
+class SpecBase(_Strict):
+    """Everything but the adapter list, whose type depends on the installed plugins."""
+
+    version: Literal[1] = 1
+    model: ModelSpec | None = Field(default=None, description="the base model (omit to pass one to pefc.compile)")
+    inputs: dict[str, InputSpec] = Field(min_length=1)
+    capture: CaptureSpec = Field(default_factory=CaptureSpec)
+
+    @model_validator(mode="after")
+    def _unique_adapter_names(self) -> SpecBase:
+        seen: set[str] = set()
+        for index, adapter in enumerate(getattr(self, "adapters", [])):
+            if adapter.name in seen:
+                raise ValueError(f"adapters[{index}]: two adapters are named {adapter.name!r}; names must be unique")
+            seen.add(adapter.name)
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, by_alias=True, exclude_none=True)
+
+    def dims(self) -> dict[str, int]:
+        """Example size of every named dim used in ``inputs``."""
+        defaults = {"batch": 2, "seq": 8}
+        fallback = iter(range(3, 1 << 16))
+        sizes: dict[str, int] = {}
+        for spec in self.inputs.values():
+            for dim in spec.shape:
+                if isinstance(dim, str) and dim not in sizes:
+                    sizes[dim] = self.capture.dims.get(dim) or defaults.get(dim) or next(
+                        n for n in fallback if n not in defaults.values())
+        return sizes
+
+
+# The concrete Spec class: SpecBase + `adapters: list[Union[...configs of installed methods]]`.
+Spec = SpecBase
+
+
+@lru_cache(maxsize=8)
+def _spec_model(configs: tuple[type[AdapterConfig], ...]) -> type[SpecBase]:
+    if not configs:
+        item: Any = AdapterConfig
+    elif len(configs) == 1:
+        item = configs[0]
+    else:
+        item = Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007
+    return create_model("Spec", __base__=SpecBase,
+                        adapters=(list[item], Field(default_factory=list)))  # type: ignore[valid-type]
+
+
+def spec_model(registry: Registry | None = None) -> type[SpecBase]:
+    """The Spec pydantic model for the installed plugins."""
+    return _spec_model(tuple((registry or default_registry()).config_models()))
+
+
+def parse_spec(data: Any, *, source: str | None = None, text: str | None = None,
+               registry: Registry | None = None) -> SpecBase:
+    """Validate a spec tree. Errors name each key path (and YAML line, given ``text``)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"a spec is a mapping with keys version, model, inputs, adapters; got {type(data).__name__}",
+                        source=source)
+    registry = registry or default_registry()
+    unknown = _unknown_methods(data, registry)
+    installed = ", ".join(sorted(registry.methods)) or "none"
+    issues = [f"{_where(['adapters', index, 'method'], text)}: unknown method {method!r} (installed: {installed})"
+              for index, method in unknown.items()]
+    try:
+        spec = spec_model(registry).model_validate(data)
+    except ValidationError as exc:
+        issues += [_describe(err, text) for err in exc.errors() if not _about_unknown(err, unknown)]
+    if issues:
+        hint = "`pefc plugins` lists installed methods" if unknown else None
+        raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)
+    return spec
+
+
+def _unknown_methods(data: dict[str, Any], registry: Registry) -> dict[int, str]:
+    adapters = data.get("adapters")
+    unknown = {}
+    for index, entry in enumerate(adapters if isinstance(adapters, list) else []):
+        method = entry.get("method") if isinstance(entry, dict) else None
+        if isinstance(method, str) and method not in registry.methods:
+            unknown[index] = method
+    return unknown
+
+
+def _about_unknown(err: Any, unknown: dict[int, str]) -> bool:
+    loc = err["loc"]
+    return len(loc) >= 2 and loc[0] == "adapters" and loc[1] in unknown
+
+
+def _describe(err: Any, text: str | None) -> str:
+    loc = [part for part in err["loc"] if not (isinstance(part, str) and "[" in part)]
+    where = _where(loc, text)
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {_short(value)})"
+    return f"{where}: {err['msg']}{shown}"
+
+
+def _where(loc: list[Any], text: str | None) -> str:
+    path = ".".join(str(part) for part in loc) or "(top level)"
+    line = yaml_line(text, loc) if text else None
+    return f"{path} (line {line})" if line else path
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_spec_data(path: str | Path) -> tuple[Any, str]:
+    """Read a YAML or JSON spec file into plain data, with its text (for line numbers)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("no such spec file", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read the spec: {exc}", source=str(path)) from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text), text
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                            source=str(path)) from None
+    return load_yaml(text, source=str(path)), text
+
+
+def load_spec(path: str | Path, *, registry: Registry | None = None) -> SpecBase:
+    """Load and validate a spec file (YAML, or JSON by the ``.json`` suffix)."""
+    data, text = read_spec_data(path)
+    return parse_spec(data, source=str(path), text=text if Path(path).suffix.lower() != ".json" else None,
+                      registry=registry)
+
+
+def spec_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of the spec for the installed plugins."""
+    schema = spec_model(registry).model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "pefc spec"
+    return schema

@@ -1,0 +1,64 @@
+"""Matches an adapter's ``target`` selectors and ``layers`` filter against the sites."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Sequence
+
+from pefc.config import AdapterConfig
+from pefc.errors import TargetError
+from pefc.sites import ROLES, Site
+
+
+def selector_matches(selector: str, site: Site) -> bool:
+    """``@role`` matches a role (``@mlp`` matches every ``mlp.*``); anything else is a path glob."""
+    if selector.startswith("@"):
+        role = selector[1:]
+        return site.role is not None and (site.role == role or site.role.startswith(role + "."))
+    return fnmatch.fnmatchcase(site.path, selector) or fnmatch.fnmatchcase(site.path, "*." + selector)
+
+
+def match_sites(config: AdapterConfig, sites: Sequence[Site], kinds: Sequence[str]) -> list[Site]:
+    """Sites of ``kinds`` selected by ``config``; a selector matching nothing is an error."""
+    selectors = config.targets()
+    if not selectors:
+        raise TargetError(f"adapter {config.name!r} ({config.method}): no `target` given and the method has no "
+                          "default targets")
+    chosen: list[Site] = []
+    for selector in selectors:
+        hits = [s for s in sites if selector_matches(selector, s)]
+        usable = [s for s in hits if s.kind in kinds]
+        if config.layers is not None:
+            usable = [s for s in usable if s.layer in config.layers]
+        if not usable:
+            raise TargetError(_no_match(config, selector, hits, sites, kinds))
+        chosen.extend(s for s in usable if s not in chosen)
+    return chosen
+
+
+def _no_match(config: AdapterConfig, selector: str, hits: list[Site], sites: Sequence[Site],
+              kinds: Sequence[str]) -> str:
+    head = f"adapter {config.name!r} ({config.method}): target {selector!r}"
+    if hits and not any(s.kind in kinds for s in hits):
+        found = ", ".join(sorted({s.kind for s in hits}))
+        return f"{head} matches only {found} sites, but {config.method} acts on {', '.join(kinds)} sites"
+    if hits:
+        layers = sorted({s.layer for s in hits if s.layer is not None})
+        return f"{head} matches no site in layers {config.layers}; it matches layers {layers}"
+    return f"{head} matches no site; {_nearest(selector, sites, kinds)}"
+
+
+def _nearest(selector: str, sites: Sequence[Site], kinds: Sequence[str]) -> str:
+    if selector.startswith("@"):
+        present = sorted({s.role for s in sites if s.role and s.kind in kinds})
+        close = difflib.get_close_matches(selector[1:], present or list(ROLES), n=3, cutoff=0.3)
+        roles = ", ".join("@" + r for r in (close or present)) or "none"
+        return f"roles found in this model: {roles}"
+    candidates = [s.path for s in sites if s.kind in kinds]
+    tail = selector.strip("*.")
+    close = difflib.get_close_matches(selector, candidates, n=5, cutoff=0.3)
+    close += [p for p in candidates if tail and tail.split(".")[-1] in p.split(".")[-1] and p not in close]
+    if not close:
+        close = difflib.get_close_matches(tail, candidates, n=5, cutoff=0.1) or candidates[:5]
+    return "nearest sites: " + ", ".join(close[:5])

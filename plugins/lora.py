@@ -1,0 +1,75 @@
+"""LoRA (Hu et al. 2021): y = W x + (alpha / r) B A dropout(x), with B = 0 at init."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+import pefc
+
+
+class LoraConfig(pefc.AdapterConfig):
+    method: Literal["lora"] = "lora"
+    r: PositiveInt = Field(default=8, le=65536, description="rank of the update")
+    alpha: float = Field(default=16.0, gt=0, description="scaling numerator: s = alpha / r")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
+    rslora: bool = Field(default=False, description="rank-stabilised scaling s = alpha / sqrt(r)")
+    init: Literal["kaiming", "gaussian"] = Field(
+        default="kaiming", description="init of A (B is zero): kaiming-uniform (a=sqrt(5)) or N(0, 1/r)")
+
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+class LoraUpdate(pefc.SiteModule):
+    """``y + s * B A dropout(x)``; ``A: [r, in]``, ``B: [out, r]``."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling()
+        if config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.delta(x).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+
+class Lora(pefc.Method):
+    name = "lora"
+    config = LoraConfig
+    site_kinds = ("linear",)
+    mergeable = True
+    description = "Low-rank update of linear weights (Hu et al. 2021)"
+
+    def rewrite(self, ctx: pefc.RewriteContext, config: LoraConfig, sites: Sequence[pefc.Site]) -> None:
+        for site in sites:
+            assert isinstance(site, pefc.LinearSite)
+            ctx.wrap_output(site, LoraUpdate(site.in_features, site.out_features, config))
+
+    def param_count(self, config: LoraConfig, site: pefc.Site) -> int:
+        assert isinstance(site, pefc.LinearSite)
+        return config.r * (site.in_features + site.out_features)
+
+
+@pefc.hookimpl
+def pefc_methods() -> list[pefc.Method]:
+    return [Lora()]
