@@ -71,7 +71,11 @@ def search(start: Iterable[fx.Node], step: Callable[[fx.Node], Iterable[fx.Node]
 
 
 def is_tensor_node(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor) or node.op == "call_module"
+    """Whether ``node`` produces tensor data (a tensor or a tuple of tensors, not a size)."""
+    value = node.meta.get("val")
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor) or node.op == "call_module"
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:

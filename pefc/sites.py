@@ -32,8 +32,8 @@ from pefc.graphutil import (
     module_path,
     producers,
     search,
-    tensor_inputs,
     static_dim,
+    tensor_inputs,
 )
 
 aten = torch.ops.aten
@@ -333,6 +333,6 @@ def _ffn_roles(graph_module: fx.GraphModule, by_output: dict[fx.Node, LinearSite
         down.role = "mlp.down"
         for up in ups:
             up.role = "mlp.gate" if len(ups) > 1 and up in through_act else "mlp.up"
-        path = module_path(node) or down.path.rsplit(".", 1)[0]
+        path = module_path(node) or node.name
         sites.append(ActivationSite(path=path, node=node, role="mlp.act", width=down.in_features))
     return sites

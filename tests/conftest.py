@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny transformers models built from configs with a fixed seed."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
+          "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}
+
+LLAMA = {"class": "LlamaForCausalLM",
+         "config": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}}
+GPT2 = {"class": "GPT2LMHeadModel",
+        "config": {"vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                   "bos_token_id": 1, "eos_token_id": 2}}
+BERT = {"class": "BertModel",
+        "config": {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "intermediate_size": 64, "max_position_embeddings": 128}}
+FAMILIES = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT}
+
+
+def make_spec(adapters: list[dict[str, Any]], family: str | None = "llama", **model: Any) -> dict[str, Any]:
+    """A spec dict for a tiny model of ``family`` (None: no model section)."""
+    spec: dict[str, Any] = {"version": 1, "inputs": copy.deepcopy(INPUTS), "adapters": adapters}
+    if family:
+        spec["model"] = {"hf": copy.deepcopy(FAMILIES[family]), **model}
+    return spec
+
+
+def build_hf(family: str, seed: int = 0) -> torch.nn.Module:
+    """The same model `make_spec(family)` builds, as a plain transformers module."""
+    from pefc.source import build_model
+    from pefc.spec import ModelSpec
+
+    return build_model(ModelSpec.model_validate({"hf": FAMILIES[family], "seed": seed}))
+
+
+def batch(b: int = 3, s: int = 5, vocab: int = 100, seed: int = 0, pad: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    if pad and b > 1 and s > 2:
+        mask[0, :2] = 0  # left padding on the first row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Give every trainable tensor non-trivial values (a zero-init comparison proves nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from pefc.registry import default_registry
+
+    return default_registry()
