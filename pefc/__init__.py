@@ -20,11 +20,13 @@ from pefc.errors import (
     TargetError,
     VerificationError,
 )
+from pefc.export import export_onnx
 from pefc.hookspecs import hookimpl
 from pefc.method import Method
 from pefc.rewrite import BakeableModule, RewriteContext, SiteModule
 from pefc.sites import ActivationSite, AttentionSite, EmbeddingSite, LinearSite, Site
 from pefc.spec import Spec, load_spec, parse_spec
+from pefc.targets import selector_matches
 
 __version__ = "0.1.0"
 
@@ -32,5 +34,5 @@ __all__ = [
     "ActivationSite", "AdapterConfig", "AttentionSite", "BakeableModule", "CaptureError", "CheckpointError",
     "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "PefcError",
     "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
-    "VerificationError", "compile", "hookimpl", "load_spec", "parse_spec",
+    "VerificationError", "compile", "export_onnx", "hookimpl", "load_spec", "parse_spec", "selector_matches",
 ]

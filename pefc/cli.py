@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
 
+    p = sub.add_parser("export", help="fold mergeable adapters and write ONNX")
+    p.add_argument("spec")
+    p.add_argument("--adapters", metavar="DIR", help="adapter checkpoint to load (default: fresh adapters)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    p.add_argument("--no-merge", action="store_true", help="keep every adapter as graph nodes")
+    p.add_argument("--lora-inputs", action="store_true",
+                   help="LoRA A/B as graph inputs with empty defaults (ONNX Runtime multi-LoRA)")
+    p.add_argument("--verify", action="store_true", help="check the file in onnxruntime on fresh shapes")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the model before export")
+    p.add_argument("--atol", type=float, help="verification tolerance (default by dtype)")
+    p.add_argument("--external-data", action="store_true", help="weights in MODEL.onnx.data (automatic > 1.5 GB)")
+
+    p = sub.add_parser("export-adapter", help="write LoRA adapters as an ONNX Runtime .onnx_adapter file")
+    p.add_argument("spec")
+    p.add_argument("--adapters", required=True, metavar="DIR")
+    p.add_argument("-o", "--output", required=True, metavar="NAME.onnx_adapter")
+
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
@@ -156,6 +173,41 @@ def _compile(args: argparse.Namespace) -> int:
     print(f"compiled {args.spec}: {report.trainable_params:,} trainable params "
           f"({report.percent_of_base:.4f}% of {report.base_params:,}); wrote {out}/adapters.safetensors "
           f"and {out}/spec.json")
+    return 0
+
+
+def _compiled_with_adapters(spec_path: str, adapters: str | None) -> Any:
+    import pefc
+
+    model = pefc.compile(pefc.load_spec(spec_path))
+    if adapters:
+        model.load_adapters(adapters)
+    return model
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> int:
+    from pefc.export import export_onnx
+
+    model = _compiled_with_adapters(args.spec, args.adapters)
+    result = export_onnx(model, args.output, merge=not args.no_merge, verify=args.verify,
+                         lora_inputs=args.lora_inputs, dtype=args.dtype, atol=args.atol,
+                         external_data=True if args.external_data else None)
+    print(f"wrote {result.path} ({result.nodes} nodes{', external data' if result.external_data else ''}) "
+          f"in {result.seconds:.1f}s; inputs {', '.join(result.inputs[:4])}"
+          f"{' ...' if len(result.inputs) > 4 else ''}; outputs {', '.join(result.outputs)}")
+    for shape, diff in result.verify_max_abs_diff.items():
+        print(f"verify: onnxruntime vs PyTorch at dims {shape}: max |diff| = {diff:.3g}")
+    return 0
+
+
+@command("export-adapter")
+def _export_adapter(args: argparse.Namespace) -> int:
+    from pefc.export import export_lora_adapter
+
+    model = _compiled_with_adapters(args.spec, args.adapters)
+    names = export_lora_adapter(model, args.output)
+    print(f"wrote {args.output}: {len(names)} LoRA tensors")
     return 0
 
 

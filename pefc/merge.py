@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
 
 
-def merge_model(model: CompiledModel) -> CompiledModel:
-    """Copy ``model`` and fold every insertion of a mergeable method into its site's weights.
+def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str] = frozenset()) -> CompiledModel:
+    """Copy ``model`` and fold every insertion of a mergeable method (not in ``skip_methods``).
 
     Output-side modules fold innermost first (graph order), then input-side modules outermost
     first, which keeps the result exact when several adapters share a site.
@@ -25,8 +25,8 @@ def merge_model(model: CompiledModel) -> CompiledModel:
     state = merged.pefc
     nodes = {n.name: n for n in merged.graph.nodes}
     order = {n: i for i, n in enumerate(merged.graph.nodes)}
-    foldable = [ins for ins in state.insertions
-                if state.mergeable.get(ins.method) and ins.placement in ("output", "input")]
+    foldable = [ins for ins in state.insertions if state.mergeable.get(ins.method)
+                and ins.method not in skip_methods and ins.placement in ("output", "input")]
     outputs = sorted((i for i in foldable if i.placement == "output"), key=lambda i: order[nodes[i.node]])
     inputs = sorted((i for i in foldable if i.placement == "input"), key=lambda i: -order[nodes[i.node]])
     for ins in [*outputs, *inputs]:

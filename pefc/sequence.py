@@ -1,0 +1,315 @@
+"""Sequence-level graph edits: extra attention slots, position offsets, virtual tokens.
+
+Everything here works from the dataflow and the symbolic shapes that ``torch.export``
+records, never from module names:
+
+- :func:`prepend_kv` puts extra key/value slots in front of an attention's keys and values
+  and widens its mask so that every query sees them (prefix tuning);
+- :func:`position_edges` finds where sequence positions (``arange`` over the sequence, or a
+  buffer holding ``arange``) enter the model's computation: the RoPE angles, a position
+  embedding lookup; :func:`offset_positions` shifts them;
+- :func:`prepend_sequence` makes a module's output ``[n virtual; real]`` the sequence the
+  rest of the graph sees: the sequence length downstream becomes ``S + n``, inputs that carry
+  the sequence (attention mask, token types) are widened, and outputs are sliced back to the
+  real tokens (prompt tuning).
+
+The runtime helpers (:func:`extend_attention_mask`, :func:`prepend_fill`) are plain
+functions called from ``call_function`` nodes, so the graph stays exportable.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pefc.errors import PluginError
+from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+SLICE_END = 9223372036854775807
+_ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
+# ops after which a tensor still holds positions (shape moves, copies, dtype casts, + constant)
+_POSITION_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.view.default,
+                 aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.slice.Tensor,
+                 aten.select.int, aten.clone.default, aten.contiguous.default, aten.alias.default,
+                 aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+                 aten.repeat.default, aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar}
+
+
+# --- runtime helpers (called from the graph) ------------------------------------------------
+
+def extend_attention_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                          slots: torch.Tensor, is_causal: bool) -> torch.Tensor | None:
+    """The SDPA mask for keys ``[slots; key]``: every query sees every slot.
+
+    ``mask`` is bool (True = attend) or additive float, broadcastable to ``[..., L, S]``;
+    ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit.
+    """
+    n, length = slots.shape[-2], key.shape[-2]
+    if mask is None:
+        if not is_causal:
+            return None
+        mask = torch.ones(query.shape[-2], length, dtype=torch.bool, device=query.device).tril()
+    mask = mask.expand(*mask.shape[:-1], length)
+    fill = True if mask.dtype == torch.bool else 0
+    pad = torch.full((*mask.shape[:-1], n), fill, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tensor:
+    """``x`` with ``n`` entries equal to ``value`` prepended along ``dim``."""
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_full(shape, value), x], dim=dim)
+
+
+# --- graph queries ---------------------------------------------------------------------------
+
+def ancestors(start: Iterable[Any], *, through_sdpa: bool = True) -> set[fx.Node]:
+    """Every node ``start`` depends on (itself included); optionally not through SDPA nodes."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in start if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if through_sdpa or node.target is not SDPA:
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def attention_operand_ancestors(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes feeding some attention's query, key or value without passing through an attention."""
+    operands = [get_arg(n, name) for n in graph.nodes if n.target is SDPA for name in ("query", "key", "value")]
+    return {n for n in ancestors(operands, through_sdpa=False) if n.target is not SDPA}
+
+
+def mask_ancestors(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes feeding some attention's ``attn_mask``."""
+    return ancestors(get_arg(n, "attn_mask") for n in graph.nodes if n.target is SDPA)
+
+
+def _is_arange_buffer(graph_module: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op != "get_attr":
+        return False
+    value = attr_value(graph_module, str(node.target))
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dim() == 0 \
+            or value.device.type == "meta":
+        return False
+    return bool(torch.equal(value, torch.arange(value.shape[-1], device=value.device).expand_as(value)))
+
+
+def _keeps_positions(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` maps positions ``source`` to positions (a shape op or ``+ constant``)."""
+    if node.op != "call_function" or node.target not in _POSITION_OPS or not node.args or node.args[0] is not source:
+        return False
+    if node.target in (aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar):
+        other = node.args[1] if len(node.args) > 1 else None
+        return not (isinstance(other, fx.Node) and isinstance(other.meta.get("val"), torch.Tensor))
+    return True
+
+
+def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """``(positions, consumer)`` edges where sequence positions enter the computation.
+
+    Positions start at ``arange`` nodes or integer buffers holding ``arange`` (BERT's
+    ``position_ids``) and flow through shape ops and ``+ constant``; an edge is reported where
+    they leave that set for a node feeding an attention's query/key/value without crossing an
+    attention (RoPE angles, position embeddings), so causal-mask index arithmetic is not.
+    """
+    graph = graph_module.graph
+    roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)]
+    positions: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in positions:
+            positions.add(node)
+            stack.extend(u for u in node.users if _keeps_positions(u, node))
+    operands = attention_operand_ancestors(graph)
+    return [(node, user) for node in graph.nodes if node in positions
+            for user in node.users if user not in positions and user in operands]
+
+
+def seq_symbol(node: fx.Node, dim: int) -> Any:
+    """The symbolic size (a sympy expression) of ``node``'s dim ``dim``, or None if static or unknown."""
+    shape = meta_shape(node)
+    if shape is None or not -len(shape) <= dim < len(shape):
+        return None
+    size = shape[dim]
+    return size.node.expr if isinstance(size, torch.SymInt) else None
+
+
+def _sym_expr(node: fx.Node) -> Any:
+    value = node.meta.get("val")
+    return value.node.expr if isinstance(value, torch.SymInt) else None
+
+
+def _is_symbolic(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat, int, bool, float))
+
+
+def _reads_data(node: fx.Node) -> bool:
+    """Whether ``node`` uses its inputs' data (not only their sizes, dtypes or export guards)."""
+    if "val" in node.meta:
+        value = node.meta["val"]
+        return isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple))
+                                                   and any(isinstance(v, torch.Tensor) for v in value))
+    return not (node.op == "call_module" and not node.users)
+
+
+# --- graph edits -------------------------------------------------------------------------------
+
+def offset_positions(graph_module: fx.GraphModule, offset: int) -> int:
+    """Add ``offset`` to the positions at every :func:`position_edges` edge; return how many."""
+    graph = graph_module.graph
+    shifted: dict[fx.Node, fx.Node] = {}
+    edges = position_edges(graph_module)
+    for node, user in edges:
+        if node not in shifted:
+            with graph.inserting_after(node):
+                shifted[node] = graph.call_function(aten.add.Tensor, (node, offset))
+        user.replace_input_with(node, shifted[node])
+    return len(edges)
+
+
+def prepend_kv(graph: fx.Graph, attention: fx.Node, slots: fx.Node,
+               masks: dict[fx.Node | None, fx.Node] | None = None) -> None:
+    """Feed ``attention`` keys ``[k_slots; key]`` and values ``[v_slots; value]``.
+
+    ``slots`` is a node producing ``(k_slots, v_slots)`` shaped like key/value with the
+    slot count in dim -2. The mask is widened by :func:`extend_attention_mask` (a ``None``
+    mask with ``is_causal`` becomes an explicit mask); ``masks`` caches widened masks by
+    original mask node so attentions sharing a mask share its widened form.
+    """
+    query, key, value = (get_arg(attention, name) for name in ("query", "key", "value"))
+    mask, is_causal = get_arg(attention, "attn_mask"), get_arg(attention, "is_causal")
+    if isinstance(is_causal, fx.Node):
+        raise PluginError(f"{attention.name}: is_causal is computed in the graph; cannot widen its mask")
+    with graph.inserting_before(attention):
+        k_slots = graph.call_function(operator.getitem, (slots, 0))
+        v_slots = graph.call_function(operator.getitem, (slots, 1))
+        new_key = graph.call_function(aten.cat.default, ([k_slots, key], -2))
+        new_value = graph.call_function(aten.cat.default, ([v_slots, value], -2))
+        new_mask = None
+        if mask is not None or is_causal:
+            cache = masks if masks is not None and mask is not None else {}
+            new_mask = cache.get(mask)
+            if new_mask is None:
+                new_mask = graph.call_function(extend_attention_mask, (mask, query, key, k_slots, bool(is_causal)))
+                cache[mask] = new_mask
+    set_arg(attention, "key", new_key)
+    set_arg(attention, "value", new_value)
+    if new_mask is not None:
+        set_arg(attention, "attn_mask", new_mask)
+        if is_causal:
+            set_arg(attention, "is_causal", False)
+
+
+def prepend_sequence(graph_module: fx.GraphModule, original: fx.Node, widened: fx.Node, n: int,
+                     *, keep: Iterable[fx.Node] = ()) -> None:
+    """Make ``widened`` (``original`` with ``n`` items prepended along dim -2) the sequence downstream.
+
+    ``original`` must have a dynamic sequence size ``S`` in dim -2 (its export ``meta``).
+    Every use of ``original`` becomes a use of ``widened``; every use of ``S`` downstream
+    becomes ``S + n`` (reshapes, ``arange`` positions, the causal mask), except in ``keep``
+    and in the nodes ``original`` is computed from (e.g. the token ids of an embedding keep
+    ``S``); graph inputs carrying ``S`` are widened (with ones if they feed an attention mask,
+    zeros otherwise) and graph outputs carrying ``S`` are sliced back to their last ``S``.
+    """
+    graph = graph_module.graph
+    seq = seq_symbol(original, -2)
+    if seq is None:
+        raise PluginError(f"{original.name}: the sequence dim is static; make it a named (dynamic) dim "
+                          "in the spec's `inputs` so it can be widened")
+    kept = ancestors([original]) | set(keep) | {widened}
+    original.replace_all_uses_with(widened, delete_user_cb=lambda user: user is not widened)
+    outputs = _output_seq_dims(graph, seq)
+    new_len = _widen_lengths(graph, seq, n, kept)
+    _widen_inputs(graph, seq, n, kept | {new_len})
+    _slice_outputs(graph, outputs, n)
+
+
+def _widen_lengths(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> fx.Node:
+    """Rewire every downstream use of the size ``seq`` to ``seq + n``; return the new size node."""
+    sizes = [node for node in graph.nodes if _sym_expr(node) == seq and node.target is aten.sym_size.int]
+    if not sizes:
+        raise PluginError(f"no graph node holds the sequence size {seq}; cannot widen the sequence")
+    with graph.inserting_after(sizes[0]):
+        new_len = graph.call_function(operator.add, (sizes[0], n))
+    mapping: dict[fx.Node, fx.Node] = dict.fromkeys(sizes, new_len)
+    for node in list(graph.nodes):
+        if node in mapping or node is new_len:
+            continue
+        hits = [a for a in node.all_input_nodes if a in mapping]
+        if not hits:
+            continue
+        if _is_symbolic(node):  # a size expression: a widened copy, the original stays for `kept`
+            with graph.inserting_after(node):
+                mapping[node] = graph.node_copy(node, lambda a: mapping.get(a, a))
+        elif node not in kept:
+            for arg in hits:
+                node.replace_input_with(arg, mapping[arg])
+    return new_len
+
+
+def _widen_inputs(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> None:
+    """Prepend ``n`` entries to graph inputs carrying ``seq`` (ones for masks, zeros otherwise)."""
+    masks = mask_ancestors(graph)
+    inputs = [p for p in graph.nodes if p.op == "placeholder" and p not in kept]
+    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    for node in inputs:
+        shape = meta_shape(node) or ()
+        dims = [d for d, size in enumerate(shape) if isinstance(size, torch.SymInt) and size.node.expr == seq]
+        if not dims:
+            continue
+        with graph.inserting_before(first):
+            wide = graph.call_function(prepend_fill, (node, dims[0], n, 1 if node in masks else 0))
+        node.replace_all_uses_with(wide, delete_user_cb=lambda u: u is not wide and _reads_data(u))
+
+
+def _output_seq_dims(graph: fx.Graph, seq: Any) -> dict[fx.Node, list[int]]:
+    """Graph outputs whose shape carries ``seq``, with those dims (read before any rewiring)."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    found: dict[fx.Node, list[int]] = {}
+    for leaf in _leaves(output.args):
+        source = _with_meta(leaf)
+        dims = [d for d, size in enumerate(meta_shape(source) or ())
+                if isinstance(size, torch.SymInt) and size.node.expr == seq]
+        if dims:
+            found[leaf] = dims
+    return found
+
+
+def _leaves(args: Any) -> list[fx.Node]:
+    leaves: list[fx.Node] = []
+    fx.node.map_arg(args, lambda a: leaves.append(a) or a)
+    return leaves
+
+
+def _with_meta(node: fx.Node) -> fx.Node:
+    """``node``, or for a module inserted without export meta, the input it wraps."""
+    while "val" not in node.meta and node.op == "call_module" and node.args:
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not tensors:
+            break
+        node = tensors[-1] if len(tensors) > 1 else tensors[0]
+    return node
+
+
+def _slice_outputs(graph: fx.Graph, outputs: dict[fx.Node, list[int]], n: int) -> None:
+    output = next(node for node in graph.nodes if node.op == "output")
+    replaced: dict[fx.Node, fx.Node] = {}
+    for leaf, dims in outputs.items():
+        node = leaf
+        with graph.inserting_before(output):
+            for dim in dims:
+                node = graph.call_function(aten.slice.Tensor, (node, dim, n, SLICE_END))
+        replaced[leaf] = node
+    output.args = fx.node.map_arg(output.args, lambda a: replaced.get(a, a))

@@ -1,0 +1,102 @@
+"""ONNX export: merged graphs cost nothing, onnxruntime agrees on fresh shapes, writes are atomic."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import make_spec, randomize_adapters
+
+import pefc
+from pefc.export import export_lora_adapter, export_onnx, verification_sizes
+from pefc.source import example_inputs
+from pefc.spec import parse_spec
+
+LORA = {"name": "qv", "method": "lora", "target": ["@attn.q", "@attn.v"], "r": 4, "alpha": 8}
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    model = pefc.compile(parse_spec(make_spec([LORA])))
+    randomize_adapters(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def base_export(tmp_path_factory):
+    base = pefc.compile(parse_spec(make_spec([])))
+    return export_onnx(base, tmp_path_factory.mktemp("base") / "base.onnx")
+
+
+def test_merged_lora_export_has_the_base_graph_and_agrees(lora_model, base_export, tmp_path):
+    result = export_onnx(lora_model, tmp_path / "model.onnx", merge=True, verify=True)
+    assert result.nodes == base_export.nodes
+    assert result.op_types == base_export.op_types
+    assert set(result.verify_max_abs_diff) == {"3x9", "1x11"}  # batch/seq other than the capture's 2x8
+    assert max(result.verify_max_abs_diff.values()) < 1e-4
+    assert result.outputs == ["logits"]
+
+
+def test_unmerged_export_agrees(lora_model, base_export, tmp_path):
+    result = export_onnx(lora_model, tmp_path / "model.onnx", merge=False, verify=True)
+    assert result.nodes > base_export.nodes
+    assert max(result.verify_max_abs_diff.values()) < 1e-4
+
+
+def _session(path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_lora_inputs_follow_the_onnxruntime_adapter_convention(lora_model, tmp_path):
+    result = export_onnx(lora_model, tmp_path / "model.onnx", lora_inputs=True)
+    assert "qv.model.layers.0.self_attn.q_proj.lora_A" in result.inputs
+    export_lora_adapter(lora_model, tmp_path / "qv.onnx_adapter")
+    session = _session(tmp_path / "model.onnx")
+    inputs = example_inputs(lora_model.pefc.spec, seed=7, sizes=verification_sizes(lora_model)[0])
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    base = pefc.compile(parse_spec(make_spec([]))).eval()
+    reference = lora_model.eval()
+    with torch.no_grad():
+        want_base = base(**inputs).logits.numpy()
+        want_lora = reference(**inputs).logits.numpy()
+    no_adapter = session.run(None, feeds)[0]
+    assert np.abs(no_adapter - want_base).max() < 1e-4
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(tmp_path / "qv.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    with_adapter = session.run(None, feeds, run_options=options)[0]
+    assert np.abs(with_adapter - want_lora).max() < 1e-4
+    assert np.abs(with_adapter - want_base).max() > 1e-3
+
+
+def test_meta_model_export_is_a_clear_error(tmp_path):
+    model = pefc.compile(parse_spec(make_spec([LORA])), device="meta")
+    with pytest.raises(pefc.ExportError, match="meta device"):
+        export_onnx(model, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_failed_export_leaves_no_file(lora_model, tmp_path, monkeypatch):
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", broken_save)
+    with pytest.raises(OSError):
+        export_onnx(lora_model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_verify_failure_exits_1(tmp_path):
+    out = tmp_path / "model.onnx"
+    result = subprocess.run([sys.executable, "-m", "pefc.cli", "export", "specs/llama-lora.yaml", "-o", str(out),
+                             "--verify", "--no-merge", "--atol", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "differs from the PyTorch model" in result.stderr
+    assert "Traceback" not in result.stderr
