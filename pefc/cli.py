@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", required=True, metavar="DIR")
     p.add_argument("-o", "--output", required=True, metavar="NAME.onnx_adapter")
 
+    p = sub.add_parser("bench", help="latency, train step and peak memory: base vs adapted vs merged, vs HF PEFT")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the spec's)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
+    p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
+
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
@@ -208,6 +217,26 @@ def _export_adapter(args: argparse.Namespace) -> int:
     model = _compiled_with_adapters(args.spec, args.adapters)
     names = export_lora_adapter(model, args.output)
     print(f"wrote {args.output}: {len(names)} LoRA tensors")
+    return 0
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    import pefc
+    from pefc.bench import run_bench
+
+    dims = {}
+    for item in args.dims:
+        name, _, size = item.partition("=")
+        if not size.isdigit() or int(size) < 1:
+            raise pefc.SpecError(f"--dims expects NAME=SIZE with a positive size, got {item!r}")
+        dims[name] = int(size)
+    report = run_bench(pefc.load_spec(args.spec), device=args.device, repeats=args.repeats, warmup=args.warmup,
+                       dims=dims, compare_peft=not args.no_peft)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.table())
     return 0
 
 

@@ -153,7 +153,7 @@ def parse_spec(data: Any, *, source: str | None = None, text: str | None = None,
     try:
         spec = spec_model(registry).model_validate(data)
     except ValidationError as exc:
-        issues += [_describe(err, text) for err in exc.errors() if not _about_unknown(err, unknown)]
+        issues += [_describe(err, text, data) for err in exc.errors() if not _about_unknown(err, unknown)]
     if issues:
         hint = "`pefc plugins` lists installed methods" if unknown else None
         raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)
@@ -175,12 +175,23 @@ def _about_unknown(err: Any, unknown: dict[int, str]) -> bool:
     return len(loc) >= 2 and loc[0] == "adapters" and loc[1] in unknown
 
 
-def _describe(err: Any, text: str | None) -> str:
+def _describe(err: Any, text: str | None, data: dict[str, Any]) -> str:
     loc = [part for part in err["loc"] if not (isinstance(part, str) and "[" in part)]
+    if _is_union_tag(loc, data):
+        del loc[2]  # adapters.<i>.<method tag>.key -> adapters.<i>.key
     where = _where(loc, text)
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {_short(value)})"
     return f"{where}: {err['msg']}{shown}"
+
+
+def _is_union_tag(loc: list[Any], data: dict[str, Any]) -> bool:
+    """``loc[2]`` is the discriminator tag pydantic adds when several methods are installed."""
+    adapters = data.get("adapters")
+    if len(loc) < 3 or loc[0] != "adapters" or not isinstance(loc[1], int) or not isinstance(adapters, list):
+        return False
+    entry = adapters[loc[1]] if loc[1] < len(adapters) else None
+    return isinstance(entry, dict) and entry.get("method") == loc[2]
 
 
 def _where(loc: list[Any], text: str | None) -> str:

@@ -41,7 +41,11 @@ class LoraUpdate(pefc.SiteModule):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        return self.low_rank(self.dropout(x))
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B A x`` (no dropout)."""
+        return (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y + self.delta(x).to(y.dtype)

@@ -1,0 +1,196 @@
+"""`pefc bench`: base vs adapted vs merged, and pefc vs HF PEFT, measured in one run.
+
+Every timing is a median over repeats after warm-up, on the same inputs. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and the growth of the process's peak resident
+set (``VmHWM``, reset before each measurement) on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from pefc.compiled import CompiledModel
+from pefc.compiler import compile as compile_spec
+from pefc.source import build_model, example_inputs
+from pefc.spec import SpecBase
+
+
+@dataclass
+class Measurement:
+    median_ms: float
+    peak_mb: float | None
+
+
+@dataclass
+class BenchReport:
+    device: str
+    dims: dict[str, int]
+    repeats: int
+    compile_s: float
+    capture_s: float
+    forward: dict[str, Measurement] = field(default_factory=dict)
+    train_step: dict[str, Measurement] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"device {self.device}, dims {self.dims}, median of {self.repeats} after warm-up",
+                 f"compile: {self.compile_s:.2f}s (capture {self.capture_s:.2f}s)", "",
+                 f"{'measurement':<28} {'median ms':>10} {'peak MB':>9}"]
+        for group, rows in (("forward", self.forward), ("train step", self.train_step)):
+            for name, m in rows.items():
+                peak = f"{m.peak_mb:9.1f}" if m.peak_mb is not None else f"{'-':>9}"
+                lines.append(f"{group + ' ' + name:<28} {m.median_ms:>10.3f} {peak}")
+        lines += [""] + [f"{name:<28} {value:>10.3f}" for name, value in self.ratios.items()]
+        if self.peft.get("skipped"):
+            lines.append(f"HF PEFT: skipped ({self.peft['skipped']})")
+        return "\n".join(lines)
+
+
+class _PeakMemory:
+    """Peak memory growth of one measured region, in MB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> _PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            _reset_hwm()
+            self.start = _status_kb("VmRSS")
+        self.peak_mb: float | None = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
+        else:
+            hwm = _status_kb("VmHWM")
+            self.peak_mb = (hwm - self.start) / 1024 if hwm is not None and self.start is not None else None
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Measurement:
+    for _ in range(warmup):
+        fn()
+    times = []
+    with _PeakMemory(device) as memory:
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append((time.perf_counter() - start) * 1000)
+    return Measurement(statistics.median(times), memory.peak_mb)
+
+
+def _loss(output: Any) -> torch.Tensor:
+    """A generic scalar loss: mean square of the first floating output (same for every model)."""
+    leaf = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return leaf.float().pow(2).mean()
+
+
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], Any]:
+    def run() -> Any:
+        with torch.no_grad():
+            return model(**inputs)
+    return run
+
+
+def _train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def run() -> None:
+        loss = _loss(model(**inputs))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
+def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, warmup: int = 3,
+              dims: dict[str, int] | None = None, compare_peft: bool = True) -> BenchReport:
+    """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring."""
+    if spec.model is None:
+        raise ValueError("bench needs a spec with a `model`")
+    device = device or spec.model.device
+    base = build_model(spec.model, device=device).eval()
+    started = time.perf_counter()
+    compiled = compile_spec(spec, model=copy.deepcopy(base))
+    compile_s = time.perf_counter() - started
+    capture_s = compiled.pefc.extras.get("timings", {}).get("capture_s", float("nan"))
+    merged = compiled.merge().eval()
+    compiled.eval()
+    target = torch.device(device)
+    sizes = {**spec.dims(), **(dims or {})}
+    inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
+    report = BenchReport(str(target), sizes, repeats, compile_s, capture_s)
+    for name, model in (("base", base), ("adapted", compiled), ("merged", merged)):
+        report.forward[name] = _time(_forward(model, inputs), target, repeats, warmup)
+    report.ratios["forward adapted/base"] = report.forward["adapted"].median_ms / report.forward["base"].median_ms
+    report.ratios["forward merged/base"] = report.forward["merged"].median_ms / report.forward["base"].median_ms
+    compiled.train()
+    report.train_step["pefc"] = _time(_train_step(compiled, inputs), target, repeats, warmup)
+    if compare_peft:
+        _bench_peft(report, spec, base, compiled, inputs, target, repeats, warmup)
+    return report
+
+
+def _bench_peft(report: BenchReport, spec: SpecBase, base: nn.Module, compiled: CompiledModel,
+                inputs: dict[str, torch.Tensor], device: torch.device, repeats: int, warmup: int) -> None:
+    from pefc.interop.peft import PEFT_METHODS, peft_config
+
+    if len(spec.adapters) != 1 or spec.adapters[0].method not in PEFT_METHODS:
+        report.peft["skipped"] = "HF PEFT has no single equivalent of this spec"
+        return
+    try:
+        import peft
+    except ImportError:
+        report.peft["skipped"] = "peft is not installed"
+        return
+    adapter = spec.adapters[0]
+    config = peft_config(compiled, adapter.name, base_class=type(base).__name__)
+    reference = peft.get_peft_model(copy.deepcopy(base), config).to(device)
+    reference.train()
+    report.peft.update({"version": peft.__version__, "method": adapter.method,
+                        "trainable_params": sum(p.numel() for p in reference.parameters() if p.requires_grad)})
+    report.train_step["peft"] = _time(_train_step(reference, inputs), device, repeats, warmup)
+    report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
