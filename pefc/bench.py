@@ -7,6 +7,7 @@ set (``VmHWM``, reset before each measurement) on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import statistics
@@ -99,10 +100,8 @@ def _status_kb(key: str) -> int | None:
 
 
 def _reset_hwm() -> None:
-    try:
+    with contextlib.suppress(OSError):  # "5" resets the peak RSS (VmHWM) on Linux
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Measurement:

@@ -8,7 +8,9 @@ original names and are frozen; adapter parameters are named
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from torch import nn
 from pefc.checkpoint import read_checkpoint, save_checkpoint
 from pefc.errors import CheckpointError
 from pefc.report import AdapterReport, ParameterReport, SiteReport
-from pefc.rewrite import Insertion
+from pefc.rewrite import BakeableModule, Insertion
 
 _PRESERVED = "_user_preserved_attributes"  # fx.GraphModule restores these on deepcopy
 
@@ -35,6 +37,7 @@ class CompileState:
     base_params: int
     mergeable: dict[str, bool]
     base_node_count: int
+    formula_params: dict[str, int | None] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +68,12 @@ class CompiledModel(fx.GraphModule):
         names = ", ".join(f"{a.name}:{a.method}" for a in report.adapters) or "no adapters"
         return (f"CompiledModel({names}; trainable {report.trainable_params:,} of "
                 f"{report.base_params:,} base params)")
+
+    def clone(self) -> CompiledModel:
+        """A deep copy (weights, adapters, graph and compile state)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch pytree spec deprecation noise
+            return copy.deepcopy(self)
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -102,6 +111,7 @@ class CompiledModel(fx.GraphModule):
             adapters.append(AdapterReport(
                 config.name, config.method, total, self.pefc.mergeable.get(config.method, False), sites,
                 shared_params=total - sum(s.params for s in sites),
+                formula_params=self.pefc.formula_params.get(config.name),
                 extra=dict(self.pefc.extras.get(config.name, {}))))
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return ParameterReport(self.pefc.base_params, trainable, adapters)
@@ -148,6 +158,21 @@ class CompiledModel(fx.GraphModule):
         from pefc.merge import merge_model
 
         return merge_model(self)
+
+    def bake(self) -> CompiledModel:
+        """A copy with every :class:`pefc.BakeableModule` replaced by its baked form (``self`` is untouched).
+
+        Training-time reparameterisations (e.g. the prefix-tuning MLP) become plain parameters
+        with the same outputs, for inference and export; the graph is unchanged.
+        """
+        baked = self.clone()
+        done: list[str] = []
+        for name, module in list(baked.named_modules()):
+            if isinstance(module, BakeableModule) and not any(name.startswith(d + ".") for d in done):
+                done.append(name)
+                parent, _, leaf = name.rpartition(".")
+                setattr(baked.get_submodule(parent), leaf, module.bake())
+        return baked
 
 
 def _layer(path: str) -> int | None:

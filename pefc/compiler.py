@@ -40,12 +40,13 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     base_node_count = len(graph_module.graph.nodes)
     sites = find_sites(graph_module)
     registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
-    insertions = _rewrite_all(spec, graph_module, sites, registry)
+    formula: dict[str, int | None] = {}
+    insertions = _rewrite_all(spec, graph_module, sites, registry, formula)
     graph_module.graph.lint()
     graph_module.recompile()
     state = CompileState(spec=spec, insertions=insertions, base_params=base_params,
                          mergeable={name: m.mergeable for name, m in registry.methods.items()},
-                         base_node_count=base_node_count)
+                         base_node_count=base_node_count, formula_params=formula)
     compiled = CompiledModel.create(graph_module, state)
     _freeze_base(compiled, spec.adapters)
     compiled.train(model.training)
@@ -77,7 +78,9 @@ def _dynamic_dims(spec: SpecBase, inputs: dict[str, Any]) -> dict[str, list[int]
     return dims
 
 
-def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Registry) -> list[Insertion]:
+def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Registry,
+                 formula: dict[str, int | None]) -> list[Insertion]:
+    """Run every adapter's rewrite; ``formula`` receives each adapter's param count by formula."""
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
     adapter_dtype = getattr(spec, "adapter_dtype", None)
@@ -88,6 +91,7 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
         method = registry.method(config.method)
         matched = match_sites(config, sites.sites, method.site_kinds)
         method.validate_sites(config, matched)
+        formula[config.name] = _formula_params(method, config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
                              adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None)
         try:
@@ -102,6 +106,14 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
                               f"{config.name!r}: {type(exc).__name__}: {exc}") from exc
         taken.add(config.name)
     return insertions
+
+
+def _formula_params(method: Any, config: Any, sites: list[Any]) -> int | None:
+    """The method's own parameter formula over ``sites`` (None if the plugin gives none)."""
+    try:
+        return sum(method.param_count(config, s) for s in sites) + method.shared_param_count(config, sites)
+    except NotImplementedError:
+        return None
 
 
 def _freeze_base(model: CompiledModel, adapters: list[Any]) -> None:

@@ -10,7 +10,6 @@ default, the convention ONNX Runtime's multi-LoRA (``.onnx_adapter``) uses.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import shutil
@@ -30,7 +29,6 @@ from torch.utils import _pytree as pytree
 from pefc.compiled import CompiledModel
 from pefc.errors import ExportError, VerificationError
 from pefc.registry import default_registry
-from pefc.rewrite import BakeableModule
 from pefc.source import example_inputs, torch_dtype
 
 LARGE_MODEL_BYTES = 1536 << 20  # external data above this, as torch.onnx does
@@ -93,21 +91,10 @@ def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: b
     """A copy ready to export: mergeable adapters folded (all but LoRA if ``keep_lora``), baked, eval mode."""
     from pefc.merge import merge_model
 
-    if merge:
-        prepared = merge_model(model, skip_methods={"lora"} if keep_lora else set())
-    else:
-        prepared = copy.deepcopy(model)
-    bake_modules(prepared)
+    merged = merge_model(model, skip_methods={"lora"} if keep_lora else set()) if merge else model
+    prepared = merged.bake()
     prepared.eval()
     return prepared
-
-
-def bake_modules(model: nn.Module) -> None:
-    """Replace every :class:`BakeableModule` by its baked (plain-parameter) equivalent, in place."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BakeableModule):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, module.bake())
 
 
 def _refuse_meta(model: nn.Module) -> None:
@@ -257,7 +244,7 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
     options.log_severity_level = 3  # LoRA initializers that are inputs are expected; no warnings
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds_names = [i.name for i in session.get_inputs()]
-    reference = copy.deepcopy(model).eval()
+    reference = model.clone().eval()
     if dtype is not None:
         reference = reference.to(torch_dtype(dtype))
     run_options = ort.RunOptions()

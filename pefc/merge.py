@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +20,7 @@ def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str]
     Output-side modules fold innermost first (graph order), then input-side modules outermost
     first, which keeps the result exact when several adapters share a site.
     """
-    merged = copy.deepcopy(model)
+    merged = model.clone()
     state = merged.pefc
     nodes = {n.name: n for n in merged.graph.nodes}
     order = {n: i for i, n in enumerate(merged.graph.nodes)}

@@ -22,6 +22,8 @@ class Method:
       whose ``method`` field is ``Literal[name]``).
     - ``site_kinds``: which kinds of site it acts on (``linear``, ``attention``,
       ``embedding``, ``activation``); targets matching other kinds are an error.
+    - ``identity_at_init``: whether a fresh adapter leaves outputs unchanged (checked by
+      :mod:`pefc.testing`).
     - ``mergeable``: whether the modules it inserts implement ``fold`` (see
       :class:`pefc.rewrite.SiteModule`) so :meth:`CompiledModel.merge` can remove them.
     """
@@ -30,6 +32,8 @@ class Method:
     config: ClassVar[type[AdapterConfig]]
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     mergeable: ClassVar[bool] = False
+    #: Whether a freshly initialised adapter leaves the model's outputs unchanged.
+    identity_at_init: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def rewrite(self, ctx: RewriteContext, config: AdapterConfig, sites: Sequence[Site]) -> None:
@@ -39,6 +43,10 @@ class Method:
     def param_count(self, config: AdapterConfig, site: Site) -> int:
         """The paper's formula: trainable parameters this adapter adds at ``site``."""
         raise NotImplementedError
+
+    def shared_param_count(self, config: AdapterConfig, sites: Sequence[Site]) -> int:
+        """Trainable parameters shared by all of the adapter's ``sites`` (e.g. a reparameterisation MLP)."""
+        return 0
 
     def validate_sites(self, config: AdapterConfig, sites: Sequence[Site]) -> None:  # noqa: B027
         """Raise :class:`pefc.errors.TargetError` if the matched sites cannot take this adapter."""

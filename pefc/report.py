@@ -23,6 +23,7 @@ class AdapterReport:
     mergeable: bool
     sites: list[SiteReport] = field(default_factory=list)
     shared_params: int = 0
+    formula_params: int | None = None  # the method's paper formula, for checking
     extra: dict[str, Any] = field(default_factory=dict)
 
 
