@@ -14,6 +14,7 @@ from pefc.errors import (
     CheckpointError,
     ExportError,
     ModelSourceError,
+    NumericalError,
     PefcError,
     PluginError,
     SpecError,
@@ -24,6 +25,13 @@ from pefc.export import export_onnx
 from pefc.hookspecs import hookimpl
 from pefc.method import Method
 from pefc.rewrite import BakeableModule, RewriteContext, SiteModule
+from pefc.sequence import (
+    extend_attention_mask,
+    offset_positions,
+    position_edges,
+    prepend_kv,
+    prepend_sequence,
+)
 from pefc.sites import ActivationSite, AttentionSite, EmbeddingSite, LinearSite, Site
 from pefc.spec import Spec, load_spec, parse_spec
 from pefc.targets import selector_matches
@@ -32,7 +40,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationSite", "AdapterConfig", "AttentionSite", "BakeableModule", "CaptureError", "CheckpointError",
-    "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "PefcError",
+    "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "NumericalError", "PefcError",
     "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
-    "VerificationError", "compile", "export_onnx", "hookimpl", "load_spec", "parse_spec", "selector_matches",
+    "VerificationError", "compile", "export_onnx", "extend_attention_mask", "hookimpl", "load_spec",
+    "offset_positions", "parse_spec", "position_edges", "prepend_kv", "prepend_sequence", "selector_matches",
 ]

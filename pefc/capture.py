@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 
 from pefc.errors import CaptureError
@@ -48,8 +49,19 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
                                hint=_capture_hint(exc)) from exc
     exported = program.module()
     graph_module = fx.GraphModule(exported, exported.graph, class_name=name)
+    del program, exported
+    FakeTensorMode.cache_clear()  # export's global fake-dispatch cache grows with every capture
+    drop_metadata_asserts(graph_module)
     bind_dropout_to_mode(graph_module)
     return graph_module
+
+
+def drop_metadata_asserts(graph_module: fx.GraphModule) -> None:
+    """Remove ``aten._assert_tensor_metadata`` checks: they pin the capture's dtype and device."""
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
 
 
 @contextmanager

@@ -74,6 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
 
+    p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
+    p.add_argument("peft_dir", metavar="PEFT_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--base", metavar="DIR", help="local transformers checkpoint of the base model "
+                      "(default: base_model_name_or_path of adapter_config.json, if it is a local directory)")
+    base.add_argument("--model-spec", metavar="FILE",
+                      help="a spec (YAML/JSON) whose `model` (and `inputs`) build the base, or just a model section")
+    p.add_argument("--name", help="name of the pefc adapter (default: the method)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="dtype of the base model")
+
+    p = sub.add_parser("export-peft", help="write an adapter checkpoint as an HF PEFT checkpoint directory")
+    p.add_argument("spec")
+    p.add_argument("--adapters", required=True, metavar="DIR")
+    p.add_argument("-o", "--output", required=True, metavar="PEFT_DIR")
+    p.add_argument("--adapter", metavar="NAME", help="the adapter to write when the spec has several")
+    p.add_argument("--base-name", metavar="NAME_OR_PATH",
+                   help="base_model_name_or_path to record (default: the spec's model.hf.pretrained)")
+
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
@@ -237,6 +256,67 @@ def _bench(args: argparse.Namespace) -> int:
         _print_json(report.to_dict())
     else:
         print(report.table())
+    return 0
+
+
+@command("import-peft")
+def _import_peft(args: argparse.Namespace) -> int:
+    from pefc.atomic import write_text
+    from pefc.interop import peft as interop
+
+    model_spec, inputs = _base_model_spec(args)
+    model = interop.load(args.peft_dir, model_spec=model_spec, inputs=inputs, name=args.name)
+    out = model.save_adapters(Path(args.output))
+    data = json.loads(model.pefc.spec.to_json())
+    write_text(out / "spec.yaml", f"# imported from the HF PEFT checkpoint {args.peft_dir} by `pefc import-peft`\n"
+               + _yaml(data))
+    adapter = model.pefc.spec.adapters[0]
+    report = model.parameter_report().adapters[0]
+    print(f"imported {args.peft_dir}: adapter {adapter.name!r} ({adapter.method}, {len(report.sites)} sites, "
+          f"{report.params:,} params); wrote {out}/spec.yaml and {out}/adapters.safetensors")
+    return 0
+
+
+def _base_model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """The import's ``model`` section and optional ``inputs``, from --base, --model-spec or the checkpoint."""
+    from pydantic import ValidationError
+
+    from pefc.errors import SpecError
+    from pefc.interop.peft import local_base_model
+    from pefc.spec import ModelSpec, read_spec_data
+
+    inputs = None
+    if args.base:
+        data: Any = {"hf": {"pretrained": str(Path(args.base).resolve())}}
+    elif args.model_spec:
+        data, _ = read_spec_data(args.model_spec)
+        if isinstance(data, dict) and "model" in data:
+            data, inputs = data["model"], data.get("inputs")
+    else:
+        data = local_base_model(args.peft_dir).model_dump(mode="json", by_alias=True, exclude_none=True)
+    if args.dtype:
+        data = {**data, "dtype": args.dtype} if isinstance(data, dict) else data
+    try:
+        return ModelSpec.model_validate(data), inputs
+    except ValidationError as exc:
+        issues = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise SpecError("not a valid model section", source=args.model_spec or args.base, issues=issues) from None
+
+
+def _yaml(data: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+@command("export-peft")
+def _export_peft(args: argparse.Namespace) -> int:
+    from pefc.interop import peft as interop
+
+    model = _compiled_with_adapters(args.spec, args.adapters)
+    out = interop.save(model, args.output, adapter=args.adapter, base_model_name_or_path=args.base_name)
+    print(f"wrote {out}/adapter_config.json and {out}/adapter_model.safetensors "
+          "(load with peft.PeftModel.from_pretrained(base, DIR))")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from pefc.checkpoint import read_checkpoint, save_checkpoint
-from pefc.errors import CheckpointError
+from pefc.errors import CheckpointError, NumericalError
 from pefc.report import AdapterReport, ParameterReport, SiteReport
 from pefc.rewrite import BakeableModule, Insertion
 
@@ -39,6 +39,9 @@ class CompileState:
     base_node_count: int
     formula_params: dict[str, int | None] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the base model: ``class`` and, for transformers models, ``name_or_path``, ``vocab_size`` and
+    #: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (used by generate and HF PEFT interop)
+    base_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -69,6 +72,16 @@ class CompiledModel(fx.GraphModule):
         return (f"CompiledModel({names}; trainable {report.trainable_params:,} of "
                 f"{report.base_params:,} base params)")
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CompiledModel:
+        """``.to()`` / ``.cuda()`` / ``.half()``: move tensors, then retarget the graph's constants."""
+        before = _placement(self)
+        super()._apply(fn, recurse)
+        after = _placement(self)
+        if before is not None and after is not None and before != after:
+            retarget_constants(self.graph, old=before, new=after)
+            self.recompile()
+        return self
+
     def clone(self) -> CompiledModel:
         """A deep copy (weights, adapters, graph and compile state)."""
         with warnings.catch_warnings():
@@ -89,6 +102,14 @@ class CompiledModel(fx.GraphModule):
             for key, value in module.state_dict().items():
                 state[f"{name}.{key}"] = value
         return state
+
+    def check_finite(self) -> None:
+        """Raise :class:`pefc.NumericalError` naming the first adapter tensor with NaN or Inf."""
+        for name, tensor in self.adapter_state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise NumericalError(f"adapter tensor {name!r} holds {bad} NaN/Inf values",
+                                     hint="lower the learning rate, or use float32 adapters (adapter_dtype)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -159,6 +180,17 @@ class CompiledModel(fx.GraphModule):
 
         return merge_model(self)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options: Any) -> torch.Tensor:
+        """Continue ``input_ids`` (causal LMs): greedy, or sampled with ``do_sample=True``.
+
+        Recomputes the full sequence through the graph each step (no KV cache); see
+        :func:`pefc.generate.generate` for ``attention_mask``, ``temperature``, ``top_k``,
+        ``top_p``, ``seed`` / ``generator``, ``eos_token_id`` and ``pad_token_id``.
+        """
+        from pefc.generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
+
     def bake(self) -> CompiledModel:
         """A copy with every :class:`pefc.BakeableModule` replaced by its baked form (``self`` is untouched).
 
@@ -173,6 +205,37 @@ class CompiledModel(fx.GraphModule):
                 parent, _, leaf = name.rpartition(".")
                 setattr(baked.get_submodule(parent), leaf, module.bake())
         return baked
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype] | None:
+    """Device and dtype of the first floating-point parameter (the base model's)."""
+    tensor = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (tensor.device, tensor.dtype) if tensor is not None else None
+
+
+def retarget_constants(graph: fx.Graph, *, old: tuple[torch.device, torch.dtype],
+                       new: tuple[torch.device, torch.dtype]) -> None:
+    """Replace the capture's device and floating dtype constants in node arguments.
+
+    Captured graphs carry them in casts and tensor constructors (``arange(device=cpu)``,
+    ``to(float32)``); after a move they must follow the weights. An intentional upcast to
+    the old dtype (e.g. an RMSNorm computed in float32) follows too: capture in the target
+    dtype (``model.dtype`` in the spec) to keep such casts exact.
+    """
+    def swap(value: Any) -> Any:
+        if isinstance(value, torch.device) and _same_device(value, old[0]):
+            return new[0]
+        if isinstance(value, torch.dtype) and value == old[1]:
+            return new[1]
+        return value
+
+    for node in graph.nodes:
+        node.args = fx.node.map_aggregate(node.args, swap)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
 
 
 def _layer(path: str) -> int | None:

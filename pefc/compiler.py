@@ -46,13 +46,30 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     graph_module.recompile()
     state = CompileState(spec=spec, insertions=insertions, base_params=base_params,
                          mergeable={name: m.mergeable for name, m in registry.methods.items()},
-                         base_node_count=base_node_count, formula_params=formula)
+                         base_node_count=base_node_count, formula_params=formula,
+                         base_info=base_info(model))
     compiled = CompiledModel.create(graph_module, state)
     _freeze_base(compiled, spec.adapters)
     compiled.train(model.training)
     registry.hook.pefc_after_rewrite(model=compiled, spec=spec)
     state.extras["timings"] = {"capture_s": capture_seconds, "compile_s": time.perf_counter() - started}
     return compiled
+
+
+def base_info(model: nn.Module) -> dict[str, Any]:
+    """The base model's class and, for transformers models, its name, vocabulary size and special tokens."""
+    info: dict[str, Any] = {"class": type(model).__name__}
+    config = getattr(model, "config", None)
+    generation = getattr(model, "generation_config", None)
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(generation, key, None) if key != "vocab_size" else None
+        value = value if value is not None else getattr(config, key, None)
+        if value is not None:
+            info[key] = value
+    name = getattr(config, "_name_or_path", None)
+    if name:
+        info["name_or_path"] = str(name)
+    return info
 
 
 def _example_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:

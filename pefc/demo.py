@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from pefc.compiler import compile as compile_spec
+from pefc.errors import NumericalError
 from pefc.spec import SpecBase, parse_spec
 
 VOCAB = 64
@@ -86,10 +87,11 @@ def run_demo(*, steps: int = 300, batch: int = 32, length: int = 8, lr: float = 
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
         loss = loss_of(out.logits, labels)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
+            raise NumericalError(f"the training loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        model.check_finite()  # a diverging step is reported, naming the tensor
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")

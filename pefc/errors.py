@@ -54,6 +54,12 @@ class CheckpointError(PefcError):
     """An adapter checkpoint is unreadable or does not fit the compiled model."""
 
 
+class NumericalError(PefcError):
+    """Adapter tensors hold NaN or Inf (e.g. after a diverging training step)."""
+
+    exit_code = 1
+
+
 class ExportError(PefcError):
     """The model cannot be exported (e.g. it lives on the meta device)."""
 

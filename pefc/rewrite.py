@@ -3,7 +3,9 @@
 One mechanism serves every method: an adapter is an ``nn.Module`` registered under
 ``<adapter name>.<site path>`` and called from a ``call_module`` node placed at the site.
 The :class:`RewriteContext` offers the placements the built-in methods need, and records
-each one so that merging, reporting and saving work the same for every method.
+each one so that merging, reporting and saving work the same for every method. Sequence-level
+placements (extra attention slots, virtual tokens, position offsets) build on
+:mod:`pefc.sequence`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import nn
 
 from pefc.config import AdapterConfig
 from pefc.errors import PluginError
-from pefc.sites import LinearSite, Site
+from pefc.graphutil import get_arg
+from pefc.sequence import first_computation, offset_positions, prepend_kv, prepend_sequence
+from pefc.sites import AttentionSite, EmbeddingSite, LinearSite, Site
 
 
 class SiteModule(nn.Module):
@@ -37,7 +41,8 @@ class SiteModule(nn.Module):
 class BakeableModule(nn.Module):
     """Base of modules that hold a training-time parameterisation (e.g. prefix MLP).
 
-    :meth:`bake` returns an equivalent module with plain parameters, used for export.
+    :meth:`bake` returns an equivalent module with plain parameters (same call signature,
+    same outputs), used for inference and export; :meth:`pefc.CompiledModel.bake` swaps it in.
     """
 
     def bake(self) -> nn.Module:
@@ -70,6 +75,7 @@ class RewriteContext:
         self.config = config
         self._insertions = insertions
         self._adapter_dtype = adapter_dtype
+        self._widened_masks: dict[Any, fx.Node] = {}
 
     @property
     def graph(self) -> fx.Graph:
@@ -156,6 +162,66 @@ class RewriteContext:
         name = self.add_module(site, module)
         with self.graph.inserting_before(before):
             node = self.graph.call_module(name, tuple(args))
+        self._record(site, name, node, "custom")
+        return node
+
+    def shared_module(self, name: str, module: nn.Module, args: Sequence[Any] = (), *,
+                      before: fx.Node | None = None) -> fx.Node:
+        """Register ``module`` as ``<adapter>.<name>``, shared by the adapter's sites, and call it once.
+
+        The call ``module(*args)`` goes before ``before`` (default: the graph's first
+        computation after the inputs); its parameters count as the adapter's shared parameters in reports.
+        """
+        full = f"{self.config.name}.{name}"
+        try:
+            self.graph_module.get_submodule(full)
+        except AttributeError:
+            pass
+        else:
+            raise PluginError(f"adapter {self.config.name!r} registered shared module {name!r} twice")
+        module = module.to(device=self.device)
+        if self.dtype.is_floating_point:
+            module = module.to(dtype=self.dtype)
+        self.graph_module.add_submodule(full, module)
+        before = before or first_computation(self.graph)
+        with self.graph.inserting_before(before):
+            return self.graph.call_module(full, tuple(args))
+
+    def prepend_kv(self, site: AttentionSite, module: nn.Module, args: Sequence[Any] = ()) -> fx.Node:
+        """Prepend slots to the attention's keys and values (prefix tuning).
+
+        ``module(key, value, *args)`` returns ``(k_slots, v_slots)`` shaped like the key and
+        value the attention sees (after RoPE and any head repetition) with the slot count in
+        dim -2. The mask is widened so every query sees every slot (bool, additive float,
+        ``None`` with ``is_causal``, ``None``); see :func:`pefc.sequence.prepend_kv`.
+        """
+        name = self.add_module(site, module)
+        key, value = get_arg(site.node, "key"), get_arg(site.node, "value")
+        with self.graph.inserting_before(site.node):
+            node = self.graph.call_module(name, (key, value, *args))
+        prepend_kv(self.graph, site.node, node, self._widened_masks)
+        self._record(site, name, node, "custom")
+        return node
+
+    def offset_positions(self, offset: int) -> int:
+        """Shift the positions of the real tokens by ``offset`` (RoPE, position embeddings).
+
+        Returns the number of places shifted (0 for a model without positions); see
+        :func:`pefc.sequence.position_edges`.
+        """
+        return offset_positions(self.graph_module, offset)
+
+    def prepend_sequence(self, site: EmbeddingSite, module: nn.Module, length: int) -> fx.Node:
+        """Replace the embedding output ``e`` by ``module(e)``, which prepends ``length`` items in dim -2.
+
+        The rest of the graph then runs on ``S + length`` positions: sizes, positions, masks
+        and sequence-carrying inputs are widened and sequence-shaped outputs sliced back to
+        the real tokens; see :func:`pefc.sequence.prepend_sequence`.
+        """
+        name = self.add_module(site, module)
+        with self.graph.inserting_after(site.node):
+            node = self.graph.call_module(name, (site.node,))
+        prepend_sequence(self.graph_module, site.node, node, length)
         self._record(site, name, node, "custom")
         return node
 

@@ -10,8 +10,8 @@ records, never from module names:
   embedding lookup; :func:`offset_positions` shifts them;
 - :func:`prepend_sequence` makes a module's output ``[n virtual; real]`` the sequence the
   rest of the graph sees: the sequence length downstream becomes ``S + n``, inputs that carry
-  the sequence (attention mask, token types) are widened, and outputs are sliced back to the
-  real tokens (prompt tuning).
+  the sequence (attention mask, token types, labels) are widened, and outputs are sliced back
+  to the real tokens (prompt tuning).
 
 The runtime helpers (:func:`extend_attention_mask`, :func:`prepend_fill`) are plain
 functions called from ``call_function`` nodes, so the graph stays exportable.
@@ -32,6 +32,8 @@ from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SLICE_END = 9223372036854775807
+_LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default,
+           aten.nll_loss_forward.default, aten.nll_loss2d.default, aten.nll_loss2d_forward.default}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
 # ops after which a tensor still holds positions (shape moves, copies, dtype casts, + constant)
 _POSITION_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.view.default,
@@ -70,8 +72,12 @@ def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tenso
 
 # --- graph queries ---------------------------------------------------------------------------
 
-def ancestors(start: Iterable[Any], *, through_sdpa: bool = True) -> set[fx.Node]:
-    """Every node ``start`` depends on (itself included); optionally not through SDPA nodes."""
+def ancestors(start: Iterable[Any], *, through_sdpa: bool = True, through_sizes: bool = True) -> set[fx.Node]:
+    """Every node ``start`` depends on (itself included).
+
+    ``through_sdpa=False`` does not look behind attention nodes; ``through_sizes=False``
+    does not look behind size values (a ``sym_size`` depends on a shape, not on data).
+    """
     seen: set[fx.Node] = set()
     stack = [n for n in start if isinstance(n, fx.Node)]
     while stack:
@@ -79,7 +85,7 @@ def ancestors(start: Iterable[Any], *, through_sdpa: bool = True) -> set[fx.Node
         if node in seen:
             continue
         seen.add(node)
-        if through_sdpa or node.target is not SDPA:
+        if (through_sdpa or node.target is not SDPA) and (through_sizes or not _is_symbolic(node)):
             stack.extend(node.all_input_nodes)
     return seen
 
@@ -87,12 +93,18 @@ def ancestors(start: Iterable[Any], *, through_sdpa: bool = True) -> set[fx.Node
 def attention_operand_ancestors(graph: fx.Graph) -> set[fx.Node]:
     """Nodes feeding some attention's query, key or value without passing through an attention."""
     operands = [get_arg(n, name) for n in graph.nodes if n.target is SDPA for name in ("query", "key", "value")]
-    return {n for n in ancestors(operands, through_sdpa=False) if n.target is not SDPA}
+    return {n for n in ancestors(operands, through_sdpa=False, through_sizes=False) if n.target is not SDPA}
 
 
 def mask_ancestors(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes feeding some attention's ``attn_mask``."""
-    return ancestors(get_arg(n, "attn_mask") for n in graph.nodes if n.target is SDPA)
+    """Nodes whose data feeds some attention's ``attn_mask`` (not through sizes)."""
+    return ancestors((get_arg(n, "attn_mask") for n in graph.nodes if n.target is SDPA), through_sizes=False)
+
+
+def first_computation(graph: fx.Graph) -> fx.Node:
+    """The first node after every graph input (where input-only computations can go)."""
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1:]
+    return last[0].next if last else next(iter(graph.nodes))
 
 
 def _is_arange_buffer(graph_module: fx.GraphModule, node: fx.Node) -> bool:
@@ -120,8 +132,10 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
 
     Positions start at ``arange`` nodes or integer buffers holding ``arange`` (BERT's
     ``position_ids``) and flow through shape ops and ``+ constant``; an edge is reported where
-    they leave that set for a node feeding an attention's query/key/value without crossing an
-    attention (RoPE angles, position embeddings), so causal-mask index arithmetic is not.
+    a positions tensor sized by an attention's query length leaves that set for a node feeding
+    an attention's query/key/value without crossing an attention (RoPE angles, position
+    embeddings). Causal-mask index arithmetic (which only reaches ``attn_mask``) and aranges
+    of other lengths (e.g. RoPE frequencies computed in the graph) are not reported.
     """
     graph = graph_module.graph
     roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)]
@@ -133,8 +147,22 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
             positions.add(node)
             stack.extend(u for u in node.users if _keeps_positions(u, node))
     operands = attention_operand_ancestors(graph)
-    return [(node, user) for node in graph.nodes if node in positions
+    lengths = {_size_key(get_arg(n, "query"), -2) for n in graph.nodes if n.target is SDPA} - {None}
+    return [(node, user) for node in graph.nodes if node in positions and _has_size(node, lengths)
             for user in node.users if user not in positions and user in operands]
+
+
+def _size_key(node: Any, dim: int) -> Any:
+    """Dim ``dim`` of ``node``'s shape as a comparable key (sympy expression or int), or None."""
+    shape = meta_shape(node)
+    if shape is None or not -len(shape) <= dim < len(shape):
+        return None
+    size = shape[dim]
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+def _has_size(node: fx.Node, sizes: set[Any]) -> bool:
+    return any(_size_key(node, d) in sizes for d in range(len(meta_shape(node) or ())))
 
 
 def seq_symbol(node: fx.Node, dim: int) -> Any:
@@ -220,15 +248,16 @@ def prepend_sequence(graph_module: fx.GraphModule, original: fx.Node, widened: f
     Every use of ``original`` becomes a use of ``widened``; every use of ``S`` downstream
     becomes ``S + n`` (reshapes, ``arange`` positions, the causal mask), except in ``keep``
     and in the nodes ``original`` is computed from (e.g. the token ids of an embedding keep
-    ``S``); graph inputs carrying ``S`` are widened (with ones if they feed an attention mask,
-    zeros otherwise) and graph outputs carrying ``S`` are sliced back to their last ``S``.
+    ``S``); graph inputs carrying ``S`` are widened (labels feeding a loss with its
+    ``ignore_index``, attention masks with ones, others with zeros) and graph outputs carrying
+    ``S`` are sliced back to their last ``S``.
     """
     graph = graph_module.graph
     seq = seq_symbol(original, -2)
     if seq is None:
         raise PluginError(f"{original.name}: the sequence dim is static; make it a named (dynamic) dim "
                           "in the spec's `inputs` so it can be widened")
-    kept = ancestors([original]) | set(keep) | {widened}
+    kept = ancestors([original], through_sizes=False) | set(keep) | {widened}
     original.replace_all_uses_with(widened, delete_user_cb=lambda user: user is not widened)
     outputs = _output_seq_dims(graph, seq)
     new_len = _widen_lengths(graph, seq, n, kept)
@@ -259,32 +288,54 @@ def _widen_lengths(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> fx.
     return new_len
 
 
+def loss_target_fills(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Nodes whose data feeds a loss's class targets, with that loss's ``ignore_index``."""
+    fills: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _LOSSES:
+            ignore = get_arg(node, "ignore_index", -100)
+            fills.update(dict.fromkeys(ancestors([get_arg(node, "target")], through_sizes=False), ignore))
+    return fills
+
+
 def _widen_inputs(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> None:
-    """Prepend ``n`` entries to graph inputs carrying ``seq`` (ones for masks, zeros otherwise)."""
-    masks = mask_ancestors(graph)
-    inputs = [p for p in graph.nodes if p.op == "placeholder" and p not in kept]
-    first = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
-    for node in inputs:
-        shape = meta_shape(node) or ()
-        dims = [d for d, size in enumerate(shape) if isinstance(size, torch.SymInt) and size.node.expr == seq]
-        if not dims:
+    """Prepend ``n`` entries to graph inputs carrying ``seq``.
+
+    The fill is the loss's ``ignore_index`` for inputs feeding a loss's targets (labels, widened
+    where the token inputs carry the sequence even if export gave them their own size symbol),
+    ones for inputs feeding an attention mask, zeros otherwise (e.g. token types).
+    """
+    masks, targets = mask_ancestors(graph), loss_target_fills(graph)
+    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+    # where the sequence sits in the token inputs, by rank: labels may carry their own size symbol
+    token_dims = {len(meta_shape(p) or ()): d for p in placeholders if p in kept
+                  for d in range(len(meta_shape(p) or ())) if _size_key(p, d) == seq}
+    first = first_computation(graph)
+    for node in (p for p in placeholders if p not in kept):
+        dim = _input_seq_dim(node, seq, token_dims if node in targets else {})
+        if dim is None:
             continue
+        fill = targets.get(node, 1 if node in masks else 0)
         with graph.inserting_before(first):
-            wide = graph.call_function(prepend_fill, (node, dims[0], n, 1 if node in masks else 0))
-        node.replace_all_uses_with(wide, delete_user_cb=lambda u: u is not wide and _reads_data(u))
+            wide = graph.call_function(prepend_fill, (node, dim, n, fill))
+        node.replace_all_uses_with(wide, delete_user_cb=lambda u, w=wide: u is not w and _reads_data(u))
+
+
+def _input_seq_dim(node: fx.Node, seq: Any, token_dims: dict[int, int]) -> int | None:
+    """The dim of input ``node`` of size ``seq``, else the token inputs' sequence dim for its rank if dynamic."""
+    shape = meta_shape(node) or ()
+    dims = [d for d in range(len(shape)) if _size_key(node, d) == seq]
+    if dims:
+        return dims[0]
+    dim = token_dims.get(len(shape))
+    return dim if dim is not None and isinstance(shape[dim], torch.SymInt) else None
 
 
 def _output_seq_dims(graph: fx.Graph, seq: Any) -> dict[fx.Node, list[int]]:
     """Graph outputs whose shape carries ``seq``, with those dims (read before any rewiring)."""
     output = next(n for n in graph.nodes if n.op == "output")
-    found: dict[fx.Node, list[int]] = {}
-    for leaf in _leaves(output.args):
-        source = _with_meta(leaf)
-        dims = [d for d, size in enumerate(meta_shape(source) or ())
-                if isinstance(size, torch.SymInt) and size.node.expr == seq]
-        if dims:
-            found[leaf] = dims
-    return found
+    found = {leaf: _seq_dims(leaf, seq) for leaf in _leaves(output.args)}
+    return {leaf: dims for leaf, dims in found.items() if dims}
 
 
 def _leaves(args: Any) -> list[fx.Node]:
@@ -293,14 +344,11 @@ def _leaves(args: Any) -> list[fx.Node]:
     return leaves
 
 
-def _with_meta(node: fx.Node) -> fx.Node:
-    """``node``, or for a module inserted without export meta, the input it wraps."""
-    while "val" not in node.meta and node.op == "call_module" and node.args:
-        tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if not tensors:
-            break
-        node = tensors[-1] if len(tensors) > 1 else tensors[0]
-    return node
+def _seq_dims(node: fx.Node, seq: Any) -> list[int]:
+    """Dims of ``node`` of size ``seq``; for a module inserted without export meta, those of its inputs."""
+    if "val" in node.meta or node.op != "call_module":
+        return [d for d in range(len(meta_shape(node) or ())) if _size_key(node, d) == seq]
+    return next((dims for arg in node.all_input_nodes if (dims := _seq_dims(arg, seq))), [])
 
 
 def _slice_outputs(graph: fx.Graph, outputs: dict[fx.Node, list[int]], n: int) -> None:

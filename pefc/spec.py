@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pefc.config import AdapterConfig
 from pefc.errors import SpecError
 from pefc.registry import Registry, default_registry
-from pefc.yamlio import load_yaml, yaml_line
+from pefc.yamlio import YamlDocument, parse_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
@@ -139,21 +139,21 @@ def spec_model(registry: Registry | None = None) -> type[SpecBase]:
     return _spec_model(tuple((registry or default_registry()).config_models()))
 
 
-def parse_spec(data: Any, *, source: str | None = None, text: str | None = None,
+def parse_spec(data: Any, *, source: str | None = None, document: YamlDocument | None = None,
                registry: Registry | None = None) -> SpecBase:
-    """Validate a spec tree. Errors name each key path (and YAML line, given ``text``)."""
+    """Validate a spec tree. Errors name each key path (and YAML line, given the ``document``)."""
     if not isinstance(data, dict):
         raise SpecError(f"a spec is a mapping with keys version, model, inputs, adapters; got {type(data).__name__}",
                         source=source)
     registry = registry or default_registry()
     unknown = _unknown_methods(data, registry)
     installed = ", ".join(sorted(registry.methods)) or "none"
-    issues = [f"{_where(['adapters', index, 'method'], text)}: unknown method {method!r} (installed: {installed})"
+    issues = [f"{_where(['adapters', index, 'method'], document)}: unknown method {method!r} (installed: {installed})"
               for index, method in unknown.items()]
     try:
         spec = spec_model(registry).model_validate(data)
     except ValidationError as exc:
-        issues += [_describe(err, text, data) for err in exc.errors() if not _about_unknown(err, unknown)]
+        issues += [_describe(err, document, data) for err in exc.errors() if not _about_unknown(err, unknown)]
     if issues:
         hint = "`pefc plugins` lists installed methods" if unknown else None
         raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)
@@ -175,11 +175,11 @@ def _about_unknown(err: Any, unknown: dict[int, str]) -> bool:
     return len(loc) >= 2 and loc[0] == "adapters" and loc[1] in unknown
 
 
-def _describe(err: Any, text: str | None, data: dict[str, Any]) -> str:
+def _describe(err: Any, document: YamlDocument | None, data: dict[str, Any]) -> str:
     loc = [part for part in err["loc"] if not (isinstance(part, str) and "[" in part)]
     if _is_union_tag(loc, data):
         del loc[2]  # adapters.<i>.<method tag>.key -> adapters.<i>.key
-    where = _where(loc, text)
+    where = _where(loc, document)
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {_short(value)})"
     return f"{where}: {err['msg']}{shown}"
@@ -194,9 +194,9 @@ def _is_union_tag(loc: list[Any], data: dict[str, Any]) -> bool:
     return isinstance(entry, dict) and entry.get("method") == loc[2]
 
 
-def _where(loc: list[Any], text: str | None) -> str:
+def _where(loc: list[Any], document: YamlDocument | None) -> str:
     path = ".".join(str(part) for part in loc) or "(top level)"
-    line = yaml_line(text, loc) if text else None
+    line = document.line(loc) if document is not None else None
     return f"{path} (line {line})" if line else path
 
 
@@ -205,8 +205,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_spec_data(path: str | Path) -> tuple[Any, str]:
-    """Read a YAML or JSON spec file into plain data, with its text (for line numbers)."""
+def read_spec_data(path: str | Path) -> tuple[Any, YamlDocument | None]:
+    """Read a YAML or JSON spec file into plain data (and, for YAML, the document for line numbers)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -214,20 +214,22 @@ def read_spec_data(path: str | Path) -> tuple[Any, str]:
         raise SpecError("no such spec file", source=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read the spec: {exc}", source=str(path)) from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text), text
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
-                            source=str(path)) from None
-    return load_yaml(text, source=str(path)), text
+    if path.suffix.lower() != ".json":
+        document = parse_yaml(text, source=str(path))
+        return document.data, document
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+                        source=str(path)) from None
+    except RecursionError:
+        raise SpecError("invalid JSON: nested too deeply", source=str(path)) from None
 
 
 def load_spec(path: str | Path, *, registry: Registry | None = None) -> SpecBase:
     """Load and validate a spec file (YAML, or JSON by the ``.json`` suffix)."""
-    data, text = read_spec_data(path)
-    return parse_spec(data, source=str(path), text=text if Path(path).suffix.lower() != ".json" else None,
-                      registry=registry)
+    data, document = read_spec_data(path)
+    return parse_spec(data, source=str(path), document=document, registry=registry)
 
 
 def spec_schema(registry: Registry | None = None) -> dict[str, Any]:

@@ -52,6 +52,11 @@ def _no_match(config: AdapterConfig, selector: str, hits: list[Site], sites: Seq
 def _nearest(selector: str, sites: Sequence[Site], kinds: Sequence[str]) -> str:
     if selector.startswith("@"):
         present = sorted({s.role for s in sites if s.role and s.kind in kinds})
+        if not present:
+            have = [s.path for s in sites if s.kind in kinds]
+            what = " or ".join(kinds)
+            return (f"the model has no {what} sites" if not have else
+                    f"its {what} sites have no role; target them by path: {', '.join(have[:5])}")
         close = difflib.get_close_matches(selector[1:], present or list(ROLES), n=3, cutoff=0.3)
         roles = ", ".join("@" + r for r in (close or present)) or "none"
         return f"roles found in this model: {roles}"

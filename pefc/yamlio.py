@@ -1,31 +1,24 @@
-"""Safe YAML loading with duplicate-key and alias-bomb protection, and line lookup."""
+"""Safe YAML loading with duplicate-key and alias-bomb protection, and line lookup.
+
+Only YAML's safe subset is constructed (no Python objects). The document is composed once
+(with libyaml when PyYAML has it) and kept, so validation errors can name lines cheaply.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from pefc.errors import SpecError
 
-MAX_ALIASES = 100
+MAX_EXPANDED_NODES = 1_000_000  # nodes after expanding aliases ("billion laughs" guard)
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class _SafeLoader(yaml.SafeLoader):
-    """SafeLoader (no object construction) that rejects duplicate keys and alias floods."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._aliases = 0
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > MAX_ALIASES:
-                event = self.peek_event()
-                raise yaml.MarkedYAMLError(None, None, f"more than {MAX_ALIASES} aliases (*refs)",
-                                           event.start_mark)
-        return super().compose_node(parent, index)
+class _SafeLoader(_Base):  # type: ignore[misc, valid-type]
+    """A safe loader that rejects duplicate keys and non-scalar keys."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
@@ -41,41 +34,65 @@ class _SafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str, *, source: str | None = None) -> Any:
+@dataclass
+class YamlDocument:
+    """Parsed data plus the composed node tree, for line lookups."""
+
+    data: Any
+    root: Any
+
+    def line(self, loc: list[Any]) -> int | None:
+        """1-based line of the node at key path ``loc`` (the deepest one that exists)."""
+        node, line = self.root, None
+        for part in loc:
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == str(part)), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+            else:
+                node = None
+        if node is not None:
+            line = node.start_mark.line + 1
+        return line
+
+
+def parse_yaml(text: str, *, source: str | None = None) -> YamlDocument:
     """Parse YAML text safely; errors become :class:`SpecError` with the line."""
+    loader = _SafeLoader(text)
     try:
-        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - _SafeLoader derives from SafeLoader
+        root = loader.get_single_node()
+        if root is not None and _expanded_size(root, {}) > MAX_EXPANDED_NODES:
+            raise SpecError(f"invalid YAML: aliases expand to more than {MAX_EXPANDED_NODES:,} nodes",
+                            source=source)
+        data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(f"invalid YAML at {where}{exc.problem or exc.context}", source=source) from None
     except (yaml.YAMLError, RecursionError) as exc:
         raise SpecError(f"invalid YAML: {type(exc).__name__}", source=source) from None
+    finally:
+        loader.dispose()
+    return YamlDocument(data, root)
 
 
-def yaml_line(text: str, loc: list[Any]) -> int | None:
-    """1-based line of the node at key path ``loc`` in YAML ``text`` (deepest found)."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except (yaml.YAMLError, RecursionError):
-        return None
-    line = None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == str(part)), None)
-            if node is not None:
-                line = _key_line(node, line)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            break
-    if node is not None:
-        line = node.start_mark.line + 1
-    return line
+def load_yaml(text: str, *, source: str | None = None) -> Any:
+    """Parse YAML text safely into plain data."""
+    return parse_yaml(text, source=source).data
 
 
-def _key_line(node: Any, fallback: int) -> int:
-    return node.start_mark.line + 1 if node is not None else fallback
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Node count of ``node`` with every alias expanded (memoised: linear in the document)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = min(size, MAX_EXPANDED_NODES + 1)
+    return memo[id(node)]

@@ -41,7 +41,7 @@ class BottleneckConfig(pefc.AdapterConfig):
     @model_validator(mode="before")
     @classmethod
     def _expand_preset(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("preset") not in PRESETS:
+        if not isinstance(data, dict) or not isinstance(data.get("preset"), str) or data["preset"] not in PRESETS:
             return data
         filled = dict(data)
         for key, value in PRESETS[data["preset"]].items():

@@ -96,7 +96,8 @@ class Dora(Lora):
     def rewrite(self, ctx: pefc.RewriteContext, config: DoraConfig, sites: Sequence[pefc.Site]) -> None:
         for site in sites:
             assert isinstance(site, pefc.LinearSite)
-            ctx.wrap_output(site, DoraUpdate(ctx.weight(site), config, site.weight_layout), pass_weight=True)
+            update = DoraUpdate(ctx.weight(site), config.for_site(site), site.weight_layout)
+            ctx.wrap_output(site, update, pass_weight=True)
 
     def param_count(self, config: DoraConfig, site: pefc.Site) -> int:
         assert isinstance(site, pefc.LinearSite)

@@ -27,7 +27,12 @@ GPT2 = {"class": "GPT2LMHeadModel",
 BERT = {"class": "BertModel",
         "config": {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                    "intermediate_size": 64, "max_position_embeddings": 128}}
-FAMILIES = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT}
+QWEN2 = {"class": "Qwen2ForCausalLM",
+         "config": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}}
+MISTRAL = {"class": "MistralForCausalLM", "config": {**LLAMA["config"], "sliding_window": None}}
+FAMILIES = {"llama": LLAMA, "gpt2": GPT2, "bert": BERT, "qwen2": QWEN2, "mistral": MISTRAL}
 
 
 def make_spec(adapters: list[dict[str, Any]], family: str | None = "llama", **model: Any) -> dict[str, Any]:

@@ -125,3 +125,22 @@ def test_plain_torch_model_compiles_with_role_targets():
     out = model(torch.randint(0, 50, (3, 9)))
     assert out.shape == (3, 9, 16)
     assert {s.path for s in model.parameter_report().adapters[0].sites} == {"wq", "fc2"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_dtype_moves_work_like_any_module(dtype):
+    model = pefc.compile(parse_spec(make_spec(LORA)))
+    randomize_adapters(model)
+    reference = model.clone().eval()
+    model = model.to(dtype).eval()
+    assert all(p.dtype == dtype for p in model.parameters())
+    inputs = batch(2, 6)
+    with torch.no_grad():
+        got = model(**inputs).logits
+        want = reference(**inputs).logits
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float64 else 0.1  # vs a float32 reference
+    assert (got.float() - want).abs().max() < tolerance
+    model.float()
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == torch.float32

@@ -1,61 +1,168 @@
-"""HF PEFT interop: the equivalent ``peft`` config of a compiled adapter.
+"""HF PEFT interop: PEFT checkpoints in and out, and the equivalent ``peft`` config of an adapter.
 
-``peft`` is optional: it is imported only when these functions are called.
+>>> cm = pefc.interop.peft.load("peft_dir", base_model)   # adapter_config.json + adapter_model.safetensors
+>>> pefc.interop.peft.save(cm, "out_dir")                  # PeftModel.from_pretrained(base, "out_dir") loads it
+
+Supported: LoRA (``use_dora``, ``use_rslora``, ``rank_pattern`` / ``alpha_pattern``,
+``layers_to_transform``, ``target_modules`` as a list or a regex), IA3
+(``feedforward_modules``), prefix tuning (with or without ``prefix_projection``; PEFT saves
+the projected table, so the imported adapter is a plain prefix) and prompt tuning. Only
+safetensors are read and written. ``peft`` itself is needed only by :func:`peft_config`.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pefc.errors import PefcError
+import torch
+from torch import nn
+
+from pefc.errors import CheckpointError, PefcError
+from pefc.interop.peft_files import (
+    CONFIG_FILE,
+    PeftCheckpoint,
+    check_supported,
+    read_peft_dir,
+    write_peft_dir,
+)
+from pefc.interop.peft_load import adapter_entry, exact_entry, method_of, pefc_tensors
+from pefc.interop.peft_save import PEFT_METHODS, adapter_of, peft_adapter, task_type
+from pefc.spec import ModelSpec
 
 if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
 
-PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
+__all__ = ["PEFT_METHODS", "load", "local_base_model", "peft_config", "save", "task_type"]
+
+
+def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str | None = None,
+         model_spec: ModelSpec | dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
+         example_inputs: dict[str, torch.Tensor] | None = None) -> CompiledModel:
+    """Compile ``base_model`` with the adapter of the PEFT checkpoint in ``peft_dir`` and load its tensors.
+
+    The returned model (in eval mode, as ``PeftModel.from_pretrained``) computes what the
+    ``PeftModel`` computes. Without ``base_model`` the base is built from ``model_spec``
+    (the spec's ``model`` section), else from ``base_model_name_or_path`` when that is a
+    local directory with a ``config.json``; ``model_spec`` is also written into the spec.
+    ``name`` names the pefc adapter (default: the method). Transformers models get the
+    inputs ``input_ids`` and ``attention_mask`` ``[batch, seq]``; other modules need
+    ``inputs`` (the spec's ``inputs``) and ``example_inputs``.
+    """
+    from pefc.compiler import compile
+    from pefc.source import build_model
+
+    checkpoint = read_peft_dir(peft_dir)
+    check_supported(checkpoint)
+    method = method_of(checkpoint)
+    if base_model is None and model_spec is None:
+        model_spec = local_base_model(checkpoint)
+    if isinstance(model_spec, dict):
+        model_spec = ModelSpec.model_validate(model_spec)
+    if base_model is None:
+        assert model_spec is not None
+        base_model = build_model(model_spec)
+    name = name or method
+    if method == "prefix":
+        _warn_sliding_window(base_model)
+    entry, modules = adapter_entry(checkpoint, base_model, name, method)
+    model = compile(_spec(entry, base_model, model_spec, inputs), model=base_model, example_inputs=example_inputs)
+    if modules and {i.site_path for i in model.pefc.insertions} != set(modules):  # selectors picked others
+        spec = _spec(exact_entry(entry, modules), base_model, model_spec, inputs)
+        model = compile(spec, model=base_model, example_inputs=example_inputs)
+    _copy_in(model, pefc_tensors(checkpoint, model, name, method))
+    return model.eval()
+
+
+def save(model: CompiledModel, peft_dir: str | Path, *, adapter: str | None = None,
+         base_model_name_or_path: str | None = None) -> Path:
+    """Write ``model``'s adapter as an HF PEFT checkpoint (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    ``PeftModel.from_pretrained(base, peft_dir)`` then computes what ``model`` computes.
+    Refuses what PEFT cannot express: several adapters (unless ``adapter`` picks one), a
+    method PEFT lacks (bottleneck ``adapter``), a merged adapter, a prefix on some layers only.
+    """
+    config = adapter_of(model, adapter)
+    fields, tensors = peft_adapter(model, config)
+    fields["base_model_name_or_path"] = base_model_name_or_path or _base_name(model)
+    fields["revision"] = None
+    return write_peft_dir(peft_dir, fields, tensors)
+
+
+def peft_config(model: CompiledModel, adapter: str, *, base_class: str | None = None) -> Any:
+    """The ``peft`` config equivalent to adapter ``adapter`` of ``model``, for training (same sites, same math)."""
+    peft = _peft()
+    fields, _ = peft_adapter(model, adapter_of(model, adapter), projection=True)
+    if base_class:
+        fields["task_type"] = task_type(base_class) or fields["task_type"]
+    fields["inference_mode"] = False
+    return peft.get_peft_config(fields)
+
+
+def local_base_model(checkpoint: PeftCheckpoint | str | Path) -> ModelSpec:
+    """``model: {hf: {pretrained: DIR}}`` from ``base_model_name_or_path`` when DIR is local (no download)."""
+    if not isinstance(checkpoint, PeftCheckpoint):
+        checkpoint = read_peft_dir(checkpoint)
+    name = checkpoint.config.get("base_model_name_or_path")
+    for candidate in ([Path(name), checkpoint.directory / name] if name else []):
+        if (candidate / "config.json").is_file():
+            return ModelSpec.model_validate({"hf": {"pretrained": str(candidate.resolve())}})
+    raise CheckpointError(
+        f"{checkpoint.directory / CONFIG_FILE}: base_model_name_or_path {name!r} is not a local directory with a "
+        "config.json (pefc never downloads models)",
+        hint="give the base model: load(peft_dir, base_model) or model_spec=...; "
+             "on the command line --base DIR or --model-spec FILE")
+
+
+def _spec(entry: dict[str, Any], base: nn.Module, model_spec: ModelSpec | None,
+          inputs: dict[str, Any] | None) -> Any:
+    from pefc.spec import parse_spec
+
+    data: dict[str, Any] = {"version": 1, "inputs": inputs or _hf_inputs(base), "adapters": [entry]}
+    if model_spec is not None:
+        data["model"] = model_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return parse_spec(data)
+
+
+def _hf_inputs(base: nn.Module) -> dict[str, Any]:
+    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+    if not vocab:
+        raise PefcError(f"{type(base).__name__} is not a transformers model: pass inputs= (the spec's `inputs`) "
+                        "and example_inputs= to pefc.interop.peft.load")
+    return {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": int(vocab)},
+            "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}
+
+
+def _warn_sliding_window(base: nn.Module) -> None:
+    config = getattr(base, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        warnings.warn(f"{type(base).__name__} uses sliding-window attention (sliding_window={window}): pefc lets "
+                      "every query see every prefix slot, HF masks the slots outside the window, so outputs differ "
+                      "once prefix + sequence length exceeds the window", stacklevel=3)
+
+
+def _copy_in(model: CompiledModel, tensors: dict[str, torch.Tensor]) -> None:
+    own = model.adapter_state_dict()
+    missing = sorted(set(own) - set(tensors))
+    if missing:
+        raise CheckpointError(f"the PEFT checkpoint has no tensor for pefc parameter {missing[0]!r}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(own[key].dtype))
+
+
+def _base_name(model: CompiledModel) -> str | None:
+    source = getattr(model.pefc.spec, "model", None)
+    if source is not None and source.hf is not None and source.hf.pretrained:
+        return source.hf.pretrained
+    return model.pefc.base_info.get("name_or_path")
 
 
 def _peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise PefcError("HF PEFT interop needs the `peft` package (pip install peft)") from None
+        raise PefcError("this needs the `peft` package (pip install peft)") from None
     return peft
-
-
-def task_type(model: Any) -> str | None:
-    """peft's task type for a transformers model class (None for a plain module)."""
-    name = type(model).__name__ if not isinstance(model, str) else model
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS"), ("Model", "FEATURE_EXTRACTION")):
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def peft_config(model: CompiledModel, adapter: str, *, base_class: str | None = None) -> Any:
-    """The ``peft`` config equivalent to adapter ``adapter`` of ``model`` (same sites, same math)."""
-    peft = _peft()
-    config = next((a for a in model.pefc.spec.adapters if a.name == adapter), None)
-    if config is None:
-        raise PefcError(f"no adapter named {adapter!r}")
-    if config.method not in PEFT_METHODS:
-        raise PefcError(f"adapter {adapter!r}: HF PEFT has no equivalent of method {config.method!r}")
-    sites = [i for i in model.pefc.insertions if i.adapter == adapter]
-    paths = list(dict.fromkeys(i.site_path for i in sites))
-    task = task_type(base_class) if base_class else None
-    if config.method in ("lora", "dora"):
-        return peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               use_rslora=config.rslora, use_dora=config.method == "dora",
-                               target_modules=paths, task_type=task)
-    if config.method == "ia3":
-        inputs = list(dict.fromkeys(i.site_path for i in sites if i.placement == "input"))
-        return peft.IA3Config(target_modules=paths, feedforward_modules=inputs, task_type=task)
-    if config.method == "prefix":
-        projection = getattr(config, "projection", None)
-        return peft.PrefixTuningConfig(
-            num_virtual_tokens=config.num_virtual_tokens, task_type=task or "CAUSAL_LM",
-            prefix_projection=projection is not None,
-            encoder_hidden_size=getattr(projection, "hidden", None) or 512)
-    return peft.PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type=task or "CAUSAL_LM")

@@ -1,0 +1,142 @@
+"""Token generation for compiled causal LMs: greedy or sampled, recomputing the full sequence each step.
+
+There is no KV cache: every step runs the captured graph on the whole sequence so far
+(prompt and prefix adapters included, exactly as in training), so a step costs a full
+forward over ``prompt + generated`` tokens. Each row's real tokens (``attention_mask == 1``)
+are moved to the front, so every row sits at positions ``0 .. n-1`` whatever its padding, as
+in HF ``generate`` (which takes positions from the mask); the result keeps the caller's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pefc.errors import PefcError
+
+SUPPORTED_INPUTS = ("input_ids", "attention_mask")
+
+
+@torch.no_grad()
+def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, seed: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[batch, seq + n]``: ``input_ids`` followed by up to ``max_new_tokens`` tokens per row.
+
+    Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` in that order, drawn
+    with ``generator`` or a fresh one seeded with ``seed``). A row stops at an
+    ``eos_token_id`` (default: the model's; ``[]`` never stops) and is filled with
+    ``pad_token_id`` (default: the model's, else the first eos) until every row has stopped
+    or ``max_new_tokens`` are made.
+    """
+    _check_inputs(model, input_ids, attention_mask, max_new_tokens)
+    info = model.pefc.base_info
+    eos = _token_list(info.get("eos_token_id") if eos_token_id is None else eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else info.get("pad_token_id", eos[0] if eos else 0)
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    if do_sample and generator is None and seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    tokens, lengths = _left_align(input_ids, mask, max_new_tokens)
+    done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        logits = _last_logits(model, tokens, lengths)
+        chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+        chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+        new.append(chosen)
+        tokens[torch.arange(len(tokens), device=device), lengths] = chosen
+        lengths = lengths + (~done).long()
+        done |= torch.isin(chosen, torch.tensor(eos, device=device, dtype=chosen.dtype))
+        if done.all():
+            break
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+
+def _check_inputs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int) -> None:
+    names = list(model.pefc.spec.inputs)
+    if "input_ids" not in names or any(n not in SUPPORTED_INPUTS for n in names):
+        raise PefcError(f"generate needs a model compiled with inputs input_ids (and attention_mask); this one "
+                        f"takes {', '.join(names)}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise PefcError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {list(input_ids.shape)}")
+    if mask is not None:
+        if mask.shape != input_ids.shape:
+            raise PefcError(f"attention_mask {list(mask.shape)} does not match input_ids {list(input_ids.shape)}")
+        if (mask.sum(1) == 0).any():
+            raise PefcError("a row of attention_mask is all zeros (no token to continue)")
+        if "attention_mask" not in names and not bool((mask != 0).all()):
+            raise PefcError("the model was compiled without attention_mask, so every row must be unpadded")
+    if max_new_tokens < 0:
+        raise PefcError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _token_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _left_align(input_ids: torch.Tensor, mask: torch.Tensor, room: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens first (``[batch, seq + room]``, zeros after), and their counts."""
+    order = torch.argsort((mask == 0).int(), dim=1, stable=True)
+    lengths = (mask != 0).sum(1)
+    tokens = torch.zeros(input_ids.shape[0], input_ids.shape[1] + room + 1, dtype=input_ids.dtype,
+                         device=input_ids.device)
+    tokens[:, :input_ids.shape[1]] = input_ids.gather(1, order)
+    keep = torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None]
+    return tokens * keep, lengths
+
+
+def _last_logits(model: Any, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Logits ``[batch, vocab]`` after each row's last real token (rows padded on the right)."""
+    width = int(lengths.max())
+    ids = tokens[:, :width]
+    inputs = {"input_ids": ids}
+    if "attention_mask" in model.pefc.spec.inputs:
+        inputs["attention_mask"] = (torch.arange(width, device=ids.device) < lengths[:, None]).long()
+    logits = _logits(model(**inputs))
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise PefcError(f"generate needs a causal LM returning logits [batch, seq, vocab]; the model returned "
+                        f"{list(logits.shape)} (is {model.pefc.base_info.get('class')} a causal LM?)")
+    return logits[torch.arange(len(ids), device=ids.device), lengths - 1].float()
+
+
+def _logits(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise PefcError(f"generate needs a causal LM returning logits; the model returned {type(output).__name__}")
+    return logits
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row after temperature, top-k and top-p (HF's order and conventions)."""
+    if temperature <= 0:
+        raise PefcError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        logits = _top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= 1 - top_p
+    remove[..., -1] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))

@@ -1,0 +1,155 @@
+"""Prefix tuning (Li & Liang 2021): trainable keys and values in front of every attention.
+
+At each attention site (``scaled_dot_product_attention``), ``K = [K_p; K]`` and
+``V = [V_p; V]`` along the sequence, with ``P = num_virtual_tokens`` prefix slots sized by
+the key/value heads (``d_kv = num_kv_heads * head_dim``; repeated per head like the
+model's own ``repeat_kv`` when the graph repeats heads before the attention). As in HF PEFT:
+prefix keys are not rotated (they join after RoPE), every query sees every prefix slot
+(the mask is widened), and the real tokens sit at positions ``P .. P+S-1``.
+
+Parameters, without ``projection``: ``<adapter>.<site>.prefix_key`` and ``.prefix_value``,
+each ``[P, d_kv]`` (heads major, like PEFT's per-layer slice), N(0, 1) at init. With
+``projection: {hidden: h}`` the prefixes are PEFT's MLP reparameterisation, one module
+shared by all sites: ``<adapter>.prefix_encoder.embedding.weight [P, d_kv]`` ->
+``transform.0`` ``Linear(d_kv, h)`` -> tanh -> ``transform.2`` ``Linear(h, n_sites*2*d_kv)``;
+site ``i`` reads columns ``[2 i d_kv, 2 (i+1) d_kv)`` (its keys, then its values).
+:meth:`pefc.CompiledModel.bake` replaces the MLP by its output table
+(``prefix_encoder.prompt_embeddings [P, n_sites*2*d_kv]``, PEFT's saved layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from torch import nn
+
+import pefc
+
+ENCODER = "prefix_encoder"
+
+
+class Projection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: PositiveInt = Field(default=512, description="hidden width of the reparameterisation MLP")
+
+
+class PrefixConfig(pefc.AdapterConfig):
+    method: Literal["prefix"] = "prefix"
+    default_target = ("@attn",)
+
+    num_virtual_tokens: PositiveInt = Field(default=20, le=65536, description="prefix length P")
+    projection: Projection | None = Field(
+        default=None, description="MLP reparameterisation shared by all layers (training only; baked for export)")
+
+
+def _kv_width(site: pefc.AttentionSite) -> int:
+    return site.num_kv_heads * site.head_dim
+
+
+class PrefixKV(nn.Module):
+    """The prefix of one attention site, shaped like its key/value: ``[..., heads, P, head_dim]``.
+
+    Holds ``prefix_key`` / ``prefix_value`` ``[P, d_kv]``, or (``index`` given) reads them
+    from the shared table ``[P, n_sites*2*d_kv]`` passed to :meth:`forward`.
+    """
+
+    def __init__(self, length: int, kv_heads: int, width: int, index: int | None = None) -> None:
+        super().__init__()
+        self.kv_heads, self.width, self.index = kv_heads, width, index
+        if index is None:
+            self.prefix_key = nn.Parameter(torch.randn(length, width))
+            self.prefix_value = nn.Parameter(torch.randn(length, width))
+
+    def forward(self, key: torch.Tensor, value: torch.Tensor,
+                table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if table is None:
+            k, v = self.prefix_key, self.prefix_value
+        else:
+            start = 2 * self.index * self.width
+            k, v = table[:, start:start + self.width], table[:, start + self.width:start + 2 * self.width]
+        return self._like(k, key), self._like(v, value)
+
+    def _like(self, prefix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        heads = like.shape[-3]
+        x = prefix.view(prefix.shape[0], self.kv_heads, -1).transpose(0, 1)  # [kv_heads, P, head_dim]
+        if heads != self.kv_heads:  # the graph repeats kv heads before the attention (repeat_kv)
+            x = x.repeat_interleave(heads // self.kv_heads, dim=0)
+        return x.to(like.dtype).expand(*like.shape[:-3], heads, x.shape[1], x.shape[2])
+
+
+class PrefixEncoder(pefc.BakeableModule):
+    """PEFT's reparameterisation: ``transform(embedding.weight)`` -> ``[P, n_sites*2*d_kv]``."""
+
+    def __init__(self, length: int, width: int, hidden: int, n_sites: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(length, width)
+        self.transform = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, n_sites * 2 * width))
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)
+
+    def bake(self) -> nn.Module:
+        with torch.no_grad():
+            return PrefixTable(self())
+
+
+class PrefixTable(nn.Module):
+    """The baked prefix table ``prompt_embeddings [P, n_sites*2*d_kv]``."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(table.detach().clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.prompt_embeddings
+
+
+class Prefix(pefc.Method):
+    name = "prefix"
+    config = PrefixConfig
+    site_kinds = ("attention",)
+    mergeable = False
+    identity_at_init = False  # random prefixes / prompts, as in HF PEFT
+    description = "Trainable key/value prefixes in every attention (Li & Liang 2021)"
+
+    def validate_sites(self, config: PrefixConfig, sites: Sequence[pefc.Site]) -> None:
+        for site in sites:
+            assert isinstance(site, pefc.AttentionSite)
+            if not (site.num_kv_heads and site.head_dim):
+                raise pefc.TargetError(f"adapter {config.name!r} (prefix): cannot tell the key/value heads of "
+                                       f"attention {site.path!r} from the graph")
+        widths = {_kv_width(s) for s in sites}  # type: ignore[arg-type]
+        if config.projection is not None and len(widths) > 1:
+            raise pefc.TargetError(f"adapter {config.name!r} (prefix): `projection` needs one key/value width "
+                                   f"at every site, found {sorted(widths)}")
+
+    def rewrite(self, ctx: pefc.RewriteContext, config: PrefixConfig, sites: Sequence[pefc.Site]) -> None:
+        length = config.num_virtual_tokens
+        ctx.offset_positions(length)
+        table = None
+        if config.projection is not None:
+            width = _kv_width(sites[0])  # type: ignore[arg-type]
+            table = ctx.shared_module(ENCODER, PrefixEncoder(length, width, config.projection.hidden, len(sites)))
+        for index, site in enumerate(sites):
+            assert isinstance(site, pefc.AttentionSite)
+            module = PrefixKV(length, site.num_kv_heads, _kv_width(site), index if table is not None else None)
+            ctx.prepend_kv(site, module, (table,) if table is not None else ())
+
+    def param_count(self, config: PrefixConfig, site: pefc.Site) -> int:
+        assert isinstance(site, pefc.AttentionSite)
+        return 0 if config.projection is not None else config.num_virtual_tokens * 2 * _kv_width(site)
+
+    def shared_param_count(self, config: PrefixConfig, sites: Sequence[pefc.Site]) -> int:
+        if config.projection is None or not sites:
+            return 0
+        width, hidden, out = _kv_width(sites[0]), config.projection.hidden, len(sites) * 2 * _kv_width(sites[0])  # type: ignore[arg-type]
+        return config.num_virtual_tokens * width + (width + 1) * hidden + (hidden + 1) * out
+
+
+@pefc.hookimpl
+def pefc_methods() -> list[pefc.Method]:
+    return [Prefix()]
