@@ -6,6 +6,7 @@
 >>> cm.parameter_report()
 """
 
+from pefc import interop
 from pefc.compiled import CompiledModel
 from pefc.compiler import compile
 from pefc.config import AdapterConfig
@@ -42,6 +43,6 @@ __all__ = [
     "ActivationSite", "AdapterConfig", "AttentionSite", "BakeableModule", "CaptureError", "CheckpointError",
     "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "NumericalError", "PefcError",
     "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
-    "VerificationError", "compile", "export_onnx", "extend_attention_mask", "hookimpl", "load_spec",
+    "VerificationError", "compile", "export_onnx", "extend_attention_mask", "hookimpl", "interop", "load_spec",
     "offset_positions", "parse_spec", "position_edges", "prepend_kv", "prepend_sequence", "selector_matches",
 ]

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
+from torch.fx.experimental import proxy_tensor
 
 from pefc.errors import CaptureError
 from pefc.graphutil import get_arg, set_arg
@@ -50,10 +51,18 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
     exported = program.module()
     graph_module = fx.GraphModule(exported, exported.graph, class_name=name)
     del program, exported
-    FakeTensorMode.cache_clear()  # export's global fake-dispatch cache grows with every capture
+    _release_export_state()
     drop_metadata_asserts(graph_module)
     bind_dropout_to_mode(graph_module)
     return graph_module
+
+
+def _release_export_state() -> None:
+    """Drop what torch.export keeps in module globals after a capture (it grows with every call)."""
+    FakeTensorMode.cache_clear()
+    proxy_map = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(proxy_map, dict):
+        proxy_map.clear()
 
 
 def drop_metadata_asserts(graph_module: fx.GraphModule) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from pydantic import ValidationError
 from torch import nn
 
 from pefc.checkpoint import read_checkpoint, save_checkpoint
@@ -251,7 +252,17 @@ def _check_adapters_match(where: str, saved: list[dict[str, Any]], spec: Any) ->
     if saved_names != names:
         raise CheckpointError(f"{where}: the checkpoint holds adapters {saved_names} but the model has {names}")
     for old, new, config in zip(saved, current, spec.adapters, strict=True):
+        defaults = _defaults(config)
         for key in sorted((set(old) | set(new)) - set(config.runtime_keys)):
-            if old.get(key) != new.get(key):
+            before = old.get(key, defaults.get(key))  # a key added since the checkpoint was saved: its default
+            if before != new.get(key):
                 raise CheckpointError(f"{where}: adapter {new['name']!r} differs in {key!r}: "
-                                      f"checkpoint {old.get(key)!r}, model {new.get(key)!r}")
+                                      f"checkpoint {before!r}, model {new.get(key)!r}")
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    """The default value of every key of ``config``'s class, as JSON data ({} if some key has no default)."""
+    try:
+        return json.loads(type(config).model_validate({"name": config.name}).model_dump_json())
+    except ValidationError:
+        return {}

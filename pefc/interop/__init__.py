@@ -1,1 +1,5 @@
-"""Interoperability with other PEFT tools (HF PEFT)."""
+"""Interoperability with other PEFT tools: :mod:`pefc.interop.peft` (HF PEFT checkpoints)."""
+
+from pefc.interop import peft
+
+__all__ = ["peft"]

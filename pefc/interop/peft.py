@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from pefc.errors import CheckpointError, PefcError
+from pefc.errors import CheckpointError, PefcError, SpecError
 from pefc.interop.peft_files import (
     CONFIG_FILE,
     PeftCheckpoint,
@@ -51,18 +52,11 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     ``inputs`` (the spec's ``inputs``) and ``example_inputs``.
     """
     from pefc.compiler import compile
-    from pefc.source import build_model
 
     checkpoint = read_peft_dir(peft_dir)
     check_supported(checkpoint)
     method = method_of(checkpoint)
-    if base_model is None and model_spec is None:
-        model_spec = local_base_model(checkpoint)
-    if isinstance(model_spec, dict):
-        model_spec = ModelSpec.model_validate(model_spec)
-    if base_model is None:
-        assert model_spec is not None
-        base_model = build_model(model_spec)
+    base_model, model_spec = _base(checkpoint, base_model, model_spec)
     name = name or method
     if method == "prefix":
         _warn_sliding_window(base_model)
@@ -113,6 +107,25 @@ def local_base_model(checkpoint: PeftCheckpoint | str | Path) -> ModelSpec:
         "config.json (pefc never downloads models)",
         hint="give the base model: load(peft_dir, base_model) or model_spec=...; "
              "on the command line --base DIR or --model-spec FILE")
+
+
+def _base(checkpoint: PeftCheckpoint, base: nn.Module | None,
+          model_spec: ModelSpec | dict[str, Any] | None) -> tuple[nn.Module, ModelSpec | None]:
+    """The base model (given, or built from ``model_spec`` or the checkpoint's local base) and its spec."""
+    from pefc.source import build_model
+
+    if base is None and model_spec is None:
+        model_spec = local_base_model(checkpoint)
+    if isinstance(model_spec, dict):
+        try:
+            model_spec = ModelSpec.model_validate(model_spec)
+        except ValidationError as exc:
+            raise SpecError("model_spec is not a valid `model` section",
+                            issues=[f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
+    if base is None:
+        assert model_spec is not None
+        base = build_model(model_spec)
+    return base, model_spec
 
 
 def _spec(entry: dict[str, Any], base: nn.Module, model_spec: ModelSpec | None,

@@ -54,6 +54,11 @@ class PeftCheckpoint:
         value = self.config.get(key)
         return default if value is None else value
 
+    def required(self, key: str) -> Any:
+        if self.config.get(key) is None:
+            raise CheckpointError(f"{self.directory / CONFIG_FILE} has no `{key}`")
+        return self.config[key]
+
 
 def read_peft_dir(directory: str | Path) -> PeftCheckpoint:
     """Read ``adapter_config.json`` and ``adapter_model.safetensors`` from ``directory``."""

@@ -48,7 +48,7 @@ def adapter_entry(checkpoint: PeftCheckpoint, base: nn.Module, name: str,
     """
     if method in ("prefix", "prompt"):
         _expect_keys(checkpoint, {"prompt_embeddings"})
-        entry = {"name": name, "method": method, "num_virtual_tokens": int(checkpoint.config["num_virtual_tokens"])}
+        entry = {"name": name, "method": method, "num_virtual_tokens": int(checkpoint.required("num_virtual_tokens"))}
         return entry, []
     leaves = ("ia3_l",) if method == "ia3" else LORA_LEAVES
     modules = adapted_modules(checkpoint, base, leaves)
@@ -67,16 +67,14 @@ def exact_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
 
 def adapted_modules(checkpoint: PeftCheckpoint, base: nn.Module, leaves: tuple[str, ...]) -> list[str]:
     """Module paths the checkpoint has tensors for, in the base model's order; each must exist."""
-    paths: list[str] = []
+    paths: dict[str, None] = {}
     for key in checkpoint.tensors:
         leaf = next((leaf for leaf in leaves if key.endswith("." + leaf)), None)
         if leaf is None:
             raise CheckpointError(f"{checkpoint.weights_file}: tensor {key!r} is not one of PEFT's "
                                   f"{checkpoint.peft_type} tensors ({', '.join(leaves)}); trained biases, "
                                   "modules_to_save and LoRA on embeddings have no pefc equivalent")
-        path = key[:-len(leaf) - 1]
-        if path not in paths:
-            paths.append(path)
+        paths[key[:-len(leaf) - 1]] = None
     if not paths:
         raise CheckpointError(f"{checkpoint.weights_file} holds no tensors")
     order = {path: index for index, (path, _) in enumerate(base.named_modules())}
@@ -248,7 +246,7 @@ def _prefix_tensors(checkpoint: PeftCheckpoint, model: Any, insertions: list[Any
     insertions = by_layer(insertions)
     modules = [model.get_submodule(ins.module) for ins in insertions]
     width, heads = modules[0].prefix_key.shape[1], modules[0].kv_heads
-    length = int(checkpoint.config["num_virtual_tokens"])
+    length = int(checkpoint.required("num_virtual_tokens"))
     want = [length, len(modules) * 2 * width]
     config = checkpoint.config
     if list(table.shape) != want or config.get("num_layers", len(modules)) != len(modules) \
