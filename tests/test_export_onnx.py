@@ -100,3 +100,57 @@ def test_cli_verify_failure_exits_1(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "differs from the PyTorch model" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+MERGEABLE = {
+    "dora": {"name": "d", "method": "dora", "target": ["@attn.q", "@mlp.down"], "r": 4},
+    "ia3": {"name": "i", "method": "ia3"},
+    "lora+ia3": [{"name": "l", "method": "lora", "target": ["@attn.v"], "r": 4}, {"name": "i", "method": "ia3"}],
+}
+UNMERGEABLE = {
+    "adapter": [{"name": "a", "method": "adapter", "size": 8}],
+    "prefix-mlp": [{"name": "p", "method": "prefix", "num_virtual_tokens": 3, "projection": {"hidden": 16}}],
+    "prompt": [{"name": "p", "method": "prompt", "num_virtual_tokens": 3}],
+    "mam": [{"name": "p", "method": "prefix", "num_virtual_tokens": 3},
+            {"name": "a", "method": "adapter", "placement": "parallel", "target": ["@mlp.down"], "size": 8}],
+}
+
+
+def _compiled(adapters):
+    model = pefc.compile(parse_spec(make_spec(adapters if isinstance(adapters, list) else [adapters])))
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(MERGEABLE))
+def test_mergeable_methods_export_the_base_graph(case, base_export, tmp_path):
+    model = _compiled(MERGEABLE[case])
+    merged = model.merge()
+    assert len(merged.graph.nodes) == model.pefc.base_node_count
+    inputs = example_inputs(model.pefc.spec, seed=3, sizes=verification_sizes(model)[1])
+    with torch.no_grad():
+        assert (model.eval()(**inputs).logits - merged.eval()(**inputs).logits).abs().max() < 1e-5
+    result = export_onnx(model, tmp_path / "model.onnx", merge=True, verify=True)
+    assert (result.nodes, result.op_types) == (base_export.nodes, base_export.op_types)
+    assert max(result.verify_max_abs_diff.values()) < 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(UNMERGEABLE))
+def test_unmergeable_methods_export_unmerged_and_agree(case, tmp_path):
+    import onnx
+
+    model = _compiled(UNMERGEABLE[case])
+    result = export_onnx(model, tmp_path / "model.onnx", merge=False, verify=True)
+    assert max(result.verify_max_abs_diff.values()) < 1e-4
+    names = {t.name for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    assert not any("transform" in n for n in names)  # the prefix MLP is baked into a plain table
+
+
+def test_external_data_is_written_beside_the_model(lora_model, tmp_path):
+    import onnx
+
+    result = export_onnx(lora_model, tmp_path / "model.onnx", external_data=True, verify=True)
+    assert result.external_data
+    assert (tmp_path / "model.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    onnx.checker.check_model(str(tmp_path / "model.onnx"))
