@@ -1,12 +1,24 @@
-"""Atomic file output: write to a temporary file beside the target, then rename."""
+"""Atomic file output: write to a temporary file beside the target, then rename.
+
+Temporary names start with a dot and carry the writer's process id and host:
+``.{target name}.{pid}@{host}.{random}.tmp``. A writer killed mid-write leaves such an entry
+behind; it never looks like an output, and the next write to the same target removes the
+entries of writers on this host that are no longer running (entries of other hosts, e.g. on
+a network file system, are left alone).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64]
 
 
 @contextlib.contextmanager
@@ -17,7 +29,8 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".tmp", dir=target.parent)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=suffix or ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -32,6 +45,72 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
 def write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def temp_prefix(target: Path) -> str:
+    """Prefix of this process's temporary entries for ``target``."""
+    return f".{target.name}.{os.getpid()}@{_HOST}."
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove temporary entries for ``target`` left by writers that died; return what was removed.
+
+    An entry is stale when it names this host and a process id that is not running (a live
+    writer's entry, or one whose id was reused, is never touched).
+    """
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)@([A-Za-z0-9-]*)\.")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in target.parent.iterdir():
+            match = pattern.match(entry.name)
+            if match and match.group(2) == _HOST and not _running(int(match.group(1))):
+                _remove(entry)
+                removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # on Windows os.kill(pid, 0) would signal the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or cannot tell: keep the entry
+    return True
+
+
+def _remove(entry: Path) -> None:
+    with contextlib.suppress(OSError):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+@contextlib.contextmanager
+def locked_directory(directory: Path) -> Iterator[None]:
+    """Hold an advisory lock on ``directory`` (POSIX ``flock``) so writers of its files take turns.
+
+    Where locking is unavailable (Windows, some network file systems) it does nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _fsync(path: Path) -> None:

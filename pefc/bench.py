@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from pefc.compiled import CompiledModel
 from pefc.compiler import compile as compile_spec
+from pefc.errors import SpecError
 from pefc.source import build_model, example_inputs
 from pefc.spec import SpecBase
 
@@ -149,7 +150,7 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
               dims: dict[str, int] | None = None, compare_peft: bool = True) -> BenchReport:
     """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring."""
     if spec.model is None:
-        raise ValueError("bench needs a spec with a `model`")
+        raise SpecError("bench needs a spec with a `model` (it builds the base model to compare against)")
     device = device or spec.model.device
     base = build_model(spec.model, device=device).eval()
     started = time.perf_counter()

@@ -28,6 +28,19 @@ def command(name: str) -> Callable[[Handler], Handler]:
     return register
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (a bad value exits 2 with a usage message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pefc", description="Compile PEFT specs into trainable PyTorch modules.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
@@ -69,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the spec's)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=_at_least(1), default=20)
+    p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
 
@@ -94,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base_model_name_or_path to record (default: the spec's model.hf.pretrained)")
 
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=_at_least(1), default=300)
     p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
     return parser
 
@@ -107,16 +120,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except PefcError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"pefc {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(args, str(exc), exc.exit_code)
     except BrokenPipeError:  # e.g. `pefc inspect ... | head`
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a path given on the command line: missing, not writable, disk full ...
+        return _fail(args, _os_error(exc), 2)
     except KeyboardInterrupt:
         print(f"pefc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug in pefc or a plugin: one line, the traceback only with --debug
+        return _fail(args, _internal_error(exc), 1)
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Print ``message`` as the command's error (with the traceback under --debug); return ``code``."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"pefc {args.command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _internal_error(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return f"internal error: {type(exc).__name__}{': ' + first if first else ''} (run with --debug for the traceback)"
+
+
+def _os_error(exc: OSError) -> str:
+    """``path: reason`` for a file-system error, e.g. ``out/adapters.safetensors: Permission denied``."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else f"{type(exc).__name__}: {reason}"
 
 
 def _quiet_transformers() -> None:

@@ -21,8 +21,9 @@ import torch.fx as fx
 from pydantic import ValidationError
 from torch import nn
 
-from pefc.checkpoint import read_checkpoint, save_checkpoint
-from pefc.errors import CheckpointError, NumericalError
+from pefc.checkpoint import metadata_spec, other_model_note, read_checkpoint_file, save_checkpoint
+from pefc.errors import CheckpointError, NumericalError, PefcError
+from pefc.fxsource import track as track_source
 from pefc.report import AdapterReport, ParameterReport, SiteReport
 from pefc.rewrite import BakeableModule, Insertion
 
@@ -83,6 +84,75 @@ class CompiledModel(fx.GraphModule):
             self.recompile()
         return self
 
+    def recompile(self) -> Any:
+        """Regenerate the code from the flat graph, cut per layer if the layers are :class:`LayerBlock` s."""
+        from pefc.layers import bind_layer_blocks, layer_blocks, plan_partition
+
+        blocks = dict(layer_blocks(self))
+        if not blocks:
+            code = super().recompile()
+            track_source(self)  # forget the generated source once this forward is replaced or dies
+            return code
+        partition = plan_partition(self._graph, list(blocks))
+        flat = self._graph
+        self._graph = partition.root
+        try:
+            code = super().recompile()
+        finally:
+            self._graph = flat
+        bind_layer_blocks(self, blocks, partition)
+        track_source(self)
+        return code
+
+    # -- per-layer regions: FSDP2 and activation checkpointing -------------------------------
+
+    def partition_layers(self, paths: list[str] | None = None) -> list[str]:
+        """Make each decoder layer a called module running its part of the graph (see :mod:`pefc.layers`).
+
+        Names, ``state_dict`` keys, outputs and ``graph`` do not change. Returns the layer paths.
+        """
+        from pefc.layers import partition_layers
+
+        return partition_layers(self, paths)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, *,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations (while training).
+
+        ``gradient_checkpointing_kwargs`` go to :func:`torch.utils.checkpoint.checkpoint`
+        (non-reentrant by default); ``every_n_layers`` checkpoints layers 0, n, 2n, ...
+        """
+        if offload:
+            raise PefcError("activation offloading is not supported; use gradient checkpointing without offload")
+        if every_n_layers < 1:
+            raise PefcError(f"every_n_layers must be at least 1, got {every_n_layers}")
+        from pefc.layers import layer_blocks
+
+        self.partition_layers([path for path, _ in layer_blocks(self)] or None)
+        for index, (_, block) in enumerate(layer_blocks(self)):
+            block.checkpoint = index % every_n_layers == 0
+            block.checkpoint_kwargs = dict(gradient_checkpointing_kwargs or {})
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None, *,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (HF ``Trainer`` calls it)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                           offload=offload)
+
+    def gradient_checkpointing_disable(self) -> None:
+        from pefc.layers import layer_blocks
+
+        for _, block in layer_blocks(self):
+            block.checkpoint = False
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from pefc.layers import layer_blocks
+
+        return any(block.checkpoint for _, block in layer_blocks(self))
+
     def clone(self) -> CompiledModel:
         """A deep copy (weights, adapters, graph and compile state)."""
         with warnings.catch_warnings():
@@ -97,7 +167,10 @@ class CompiledModel(fx.GraphModule):
                 yield name, getattr(self, name)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every tensor of every adapter (parameters and persistent buffers), by full name."""
+        """Every tensor of every adapter (parameters and persistent buffers), by full name.
+
+        The tensors are the model's own (detached); under FSDP2 they are sharded ``DTensor`` s.
+        """
         state: dict[str, torch.Tensor] = {}
         for name, module in self.adapter_modules():
             for key, value in module.state_dict().items():
@@ -106,7 +179,10 @@ class CompiledModel(fx.GraphModule):
 
     def check_finite(self) -> None:
         """Raise :class:`pefc.NumericalError` naming the first adapter tensor with NaN or Inf."""
-        for name, tensor in self.adapter_state_dict().items():
+        from pefc.distributed import local_tensor
+
+        for name, shared in self.adapter_state_dict().items():
+            tensor = local_tensor(shared)
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise NumericalError(f"adapter tensor {name!r} holds {bad} NaN/Inf values",
@@ -134,44 +210,71 @@ class CompiledModel(fx.GraphModule):
                 config.name, config.method, total, self.pefc.mergeable.get(config.method, False), sites,
                 shared_params=total - sum(s.params for s in sites),
                 formula_params=self.pefc.formula_params.get(config.name),
-                extra=dict(self.pefc.extras.get(config.name, {}))))
+                extra=dict(self.pefc.extras.get("report", {}).get(config.name, {}))))
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return ParameterReport(self.pefc.base_params, trainable, adapters)
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def save_adapters(self, directory: str | Path) -> Path:
-        """Write ``directory/adapters.safetensors`` and ``directory/spec.json`` (atomic, no pickle)."""
-        return save_checkpoint(directory, self.adapter_state_dict(), self.pefc.spec.to_json(),
-                               extra={"base_params": str(self.pefc.base_params)})
+    def save_adapters(self, directory: str | Path, *, writer: bool | None = None) -> Path:
+        """Write ``directory/adapters.safetensors`` and ``directory/spec.json`` (atomic, no pickle).
+
+        In a distributed run (``torch.distributed`` initialised, several ranks) rank 0 writes
+        (``writer=True`` makes this process write, e.g. a Trainer's ``should_save`` process).
+        Sharded adapters (FSDP2) are gathered first, a collective: call it on every rank; the
+        ranks then wait for the write. Replicated adapters (DDP) need no collective, so
+        ``if rank == 0: cm.save_adapters(...)`` works too; other ranks return at once.
+        """
+        from pefc.distributed import barrier, full_tensors, is_main_process, is_sharded
+
+        tensors = self.adapter_state_dict()
+        sharded = any(is_sharded(t) for t in tensors.values())
+        if sharded:
+            tensors = full_tensors(tensors)
+        path = Path(directory)
+        if writer if writer is not None else is_main_process():
+            self._write_adapters(path, tensors)
+        if sharded:
+            barrier()
+        return path
+
+    def _write_adapters(self, path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+        return save_checkpoint(path, tensors, self.pefc.spec.to_json(),
+                               extra={"base_params": str(self.pefc.base_params),
+                                      "base_class": str(self.pefc.base_info.get("class", ""))})
 
     def load_adapters(self, directory: str | Path) -> None:
         """Load adapter tensors saved by :meth:`save_adapters`; refuse a checkpoint that does not fit."""
-        tensors, spec = read_checkpoint(directory)
-        where = str(Path(directory))
-        _check_adapters_match(where, spec.get("adapters", []), self.pefc.spec)
+        tensors, metadata, file = read_checkpoint_file(directory)
+        spec = metadata_spec(file, metadata)
+        where = str(file)
+        _check_adapters_match(where, spec["adapters"], self.pefc.spec)
         own = self.adapter_state_dict()
         missing = [k for k in own if k not in tensors]
         extra = [k for k in tensors if k not in own]
+        note = other_model_note(metadata, spec, self.pefc.base_info.get("class"), self.pefc.base_params)
         if missing:
             raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing from the checkpoint "
-                                  f"({len(missing)} missing)")
+                                  f"({len(missing)} missing){note}")
         if extra:
             raise CheckpointError(f"{where}: the checkpoint has tensor {extra[0]!r} that this model does not "
-                                  f"have ({len(extra)} unexpected)")
+                                  f"have ({len(extra)} unexpected){note}")
         for key, target in own.items():
             value = tensors[key]
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"{where}: tensor {key!r} has shape {list(value.shape)} in the checkpoint "
-                                      f"but {list(target.shape)} in the model (was it saved for another base model?)")
+                                      f"but {list(target.shape)} in the model"
+                                      f"{note or ' (was it saved for another base model?)'}")
             if value.dtype != target.dtype:
                 raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype} in the checkpoint but "
                                       f"{target.dtype} in the model")
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+        from pefc.distributed import copy_into
+
         with torch.no_grad():
             for key, target in own.items():
-                target.copy_(tensors[key])
+                copy_into(target, tensors[key])
 
     # -- merging ---------------------------------------------------------------------------
 

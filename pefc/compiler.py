@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pefc import capture_cache, fxsource
 from pefc.capture import capture
 from pefc.compiled import CompiledModel, CompileState
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
@@ -30,30 +31,51 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     registry = registry or default_registry()
     started = time.perf_counter()
     if model is None:
-        if spec.model is None:
-            raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
-        model = build_model(spec.model, device=device)
-    inputs = _example_inputs(spec, model, example_inputs)
-    graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+        graph_module, info, training = _capture_spec_model(spec, device)
+    else:
+        inputs = _example_inputs(spec, model, example_inputs)
+        graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+        info, training = base_info(model), model.training
     capture_seconds = time.perf_counter() - started
     base_params = sum(p.numel() for p in graph_module.parameters())
     base_node_count = len(graph_module.graph.nodes)
     sites = find_sites(graph_module)
     registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
     formula: dict[str, int | None] = {}
-    insertions = _rewrite_all(spec, graph_module, sites, registry, formula)
+    extras: dict[str, dict[str, Any]] = {}
+    with torch.random.fork_rng(devices=[]):  # adapter init depends on the spec's seed only
+        torch.manual_seed(spec.model.seed if spec.model else 0)
+        insertions = _rewrite_all(spec, graph_module, sites, registry, formula, extras)
     graph_module.graph.lint()
     graph_module.recompile()
+    fxsource.track(graph_module)  # forget its generated source when it is dropped
     state = CompileState(spec=spec, insertions=insertions, base_params=base_params,
                          mergeable={name: m.mergeable for name, m in registry.methods.items()},
                          base_node_count=base_node_count, formula_params=formula,
-                         base_info=base_info(model))
+                         base_info=info, extras={"report": extras})
     compiled = CompiledModel.create(graph_module, state)
     _freeze_base(compiled, spec.adapters)
-    compiled.train(model.training)
+    compiled.train(training)
+    if getattr(spec, "gradient_checkpointing", False):
+        compiled.gradient_checkpointing_enable()
     registry.hook.pefc_after_rewrite(model=compiled, spec=spec)
     state.extras["timings"] = {"capture_s": capture_seconds, "compile_s": time.perf_counter() - started}
     return compiled
+
+
+def _capture_spec_model(spec: SpecBase, device: str | None) -> tuple[Any, dict[str, Any], bool]:
+    """Build ``spec.model`` and capture it (or reuse a capture from :mod:`pefc.capture_cache`)."""
+    if spec.model is None:
+        raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
+    cached = capture_cache.lookup(spec, device)
+    if cached is not None:
+        return cached
+    model = build_model(spec.model, device=device)
+    inputs = _example_inputs(spec, model, None)
+    graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+    info, training = base_info(model), model.training
+    capture_cache.store(spec, device, graph_module, info, training)
+    return graph_module, info, training
 
 
 def base_info(model: nn.Module) -> dict[str, Any]:
@@ -96,8 +118,9 @@ def _dynamic_dims(spec: SpecBase, inputs: dict[str, Any]) -> dict[str, list[int]
 
 
 def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Registry,
-                 formula: dict[str, int | None]) -> list[Insertion]:
-    """Run every adapter's rewrite; ``formula`` receives each adapter's param count by formula."""
+                 formula: dict[str, int | None], extras: dict[str, dict[str, Any]]) -> list[Insertion]:
+    """Run every adapter's rewrite; ``formula`` and ``extras`` receive each adapter's formula
+    parameter count and report extras."""
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
     adapter_dtype = getattr(spec, "adapter_dtype", None)
@@ -109,6 +132,7 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
         matched = match_sites(config, sites.sites, method.site_kinds)
         method.validate_sites(config, matched)
         formula[config.name] = _formula_params(method, config, matched)
+        extras[config.name] = method.report_extras(config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
                              adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None)
         try:

@@ -57,6 +57,8 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     """Export ``model`` to ONNX at ``path`` (atomically); see the module docstring."""
     started = time.perf_counter()
     _refuse_meta(model)
+    if Path(path).is_dir():
+        raise ExportError(f"{path} is a directory", hint=f"give a file name, e.g. {Path(path) / 'model.onnx'}")
     prepared = prepare_for_export(model, merge=merge, keep_lora=lora_inputs)
     if dtype is not None:
         prepared = prepared.to(torch_dtype(dtype))
@@ -88,11 +90,13 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
 
 
 def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: bool = False) -> CompiledModel:
-    """A copy ready to export: mergeable adapters folded (all but LoRA if ``keep_lora``), baked, eval mode."""
+    """A copy ready to export: mergeable adapters folded (all but LoRA if ``keep_lora``), baked, flat, eval mode."""
+    from pefc.layers import unpartition_layers
     from pefc.merge import merge_model
 
     merged = merge_model(model, skip_methods={"lora"} if keep_lora else set()) if merge else model
     prepared = merged.bake()
+    unpartition_layers(prepared)  # export the flat graph, as captured
     prepared.eval()
     return prepared
 
@@ -210,15 +214,28 @@ def export_lora_adapter(model: CompiledModel, path: str | Path) -> list[str]:
 # --- saving -------------------------------------------------------------------------------------
 
 def _atomic_save(program: Any, path: Path, external_data: bool) -> None:
-    """Save under the final basename in a temp dir beside ``path``, then move data file(s) and model."""
+    """Save under the final basename in a temp dir beside ``path``, then move data file(s) and model.
+
+    The temp dir is ``.{name}.{pid}@{host}.*``: a killed export leaves only such a dot entry,
+    which the next export to ``path`` removes (see :mod:`pefc.atomic`). With external data the
+    previous model file is removed before the data files are replaced, so a kill in between
+    leaves no model rather than the previous model with new data.
+    """
+    from pefc.atomic import remove_stale_temporaries, temp_prefix
+
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    remove_stale_temporaries(path)  # left by an export that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         with _quiet():
             program.save(str(tmp / path.name), external_data=external_data)
-        for item in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):
+        data_files = [item for item in tmp.iterdir() if item.name != path.name]
+        if data_files and path.exists():
+            path.unlink()  # never pair the previous model with new data: no model until the new one lands
+        for item in data_files:
             os.replace(item, path.parent / item.name)
+        os.replace(tmp / path.name, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

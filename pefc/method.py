@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pefc.config import AdapterConfig
 
@@ -47,6 +47,10 @@ class Method:
     def shared_param_count(self, config: AdapterConfig, sites: Sequence[Site]) -> int:
         """Trainable parameters shared by all of the adapter's ``sites`` (e.g. a reparameterisation MLP)."""
         return 0
+
+    def report_extras(self, config: AdapterConfig, sites: Sequence[Site]) -> dict[str, Any]:
+        """Extra facts for ``pefc inspect`` (e.g. attention length a prefix adds); JSON-serialisable."""
+        return {}
 
     def validate_sites(self, config: AdapterConfig, sites: Sequence[Site]) -> None:  # noqa: B027
         """Raise :class:`pefc.errors.TargetError` if the matched sites cannot take this adapter."""

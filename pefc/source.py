@@ -85,7 +85,11 @@ def _load_pretrained(transformers: Any, path: Path, class_name: str | None, dtyp
         raise ModelSourceError(f"model.hf.pretrained: {path} has no config.json",
                                hint="point it at a directory written by save_pretrained")
     if class_name is None:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ModelSourceError(f"{config_file} is not readable JSON: {exc}") from None
+        architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
         if not architectures:
             raise ModelSourceError(f"{config_file} names no architectures; set model.hf.class")
         class_name = architectures[0]

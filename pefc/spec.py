@@ -92,6 +92,11 @@ class SpecBase(_Strict):
     model: ModelSpec | None = Field(default=None, description="the base model (omit to pass one to pefc.compile)")
     inputs: dict[str, InputSpec] = Field(min_length=1)
     capture: CaptureSpec = Field(default_factory=CaptureSpec)
+    adapter_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        default=None, description="dtype of the adapter parameters (default: the base model's); float32 adapters "
+                                  "on a bfloat16 base is mixed-precision training")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute each decoder layer in backward instead of keeping its activations")
 
     @model_validator(mode="after")
     def _unique_adapter_names(self) -> SpecBase:

@@ -20,6 +20,8 @@ class DoraConfig(LoraConfig):
 class DoraUpdate(LoraUpdate):
     """``y' = g * (W0 x + s B A drop(x)) + b`` with ``g = m / ||W0 + s B A||_row`` (no gradient to the norm).
 
+    ``g`` is computed in float32 (the norm and ``m``) and applied in the output's dtype.
+
     ``weight`` arrives in the site's stored layout (``out_in`` or ``in_out``). The norm is
     factored so ``W0 + s B A`` is never formed:
     ``n² = ||W0||² + 2 s rowsum(W0 Aᵀ ⊙ B) + s² rowsum(B (A Aᵀ) ⊙ B)``; ``||W0||²`` is cached
@@ -48,17 +50,19 @@ class DoraUpdate(LoraUpdate):
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """Row norms ``[out]`` of ``W0 + s B A``; an all-zero row gets 1 (its output is 0 at any scale)."""
-        a, b, s = self.lora_A, self.lora_B, self.scaling
-        a_w = a.to(weight.dtype)
-        w0_at = (a_w @ weight).t() if self.layout == "in_out" else weight @ a_w.t()  # [out, r]
-        cross = (w0_at.to(b.dtype) * b).sum(1)
+        """Row norms ``[out]`` of ``W0 + s B A`` in float32 whatever the dtypes (a low-precision W0 is
+        upcast for ``W0 Aᵀ``; float64 stays float64); an all-zero row gets 1 (its output is 0 at any scale)."""
+        dtype = _at_least_float32(weight.dtype, self.lora_A.dtype)
+        a, b, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+        w = weight.to(dtype)
+        w0_at = (a @ w).t() if self.layout == "in_out" else w @ a.t()  # [out, r]
+        cross = (w0_at * b).sum(1)
         low = ((b @ (a @ a.t())) * b).sum(1)
-        sq = self.weight_sq_norm(weight).to(b.dtype) + (2 * s) * cross + (s * s) * low
+        sq = self.weight_sq_norm(weight).to(dtype) + (2 * s) * cross + (s * s) * low
         return _nonzero(sq.clamp_min(0).sqrt())
 
     def weight_sq_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W0_i||²`` in float32, cached while the weight's storage and version stay the same."""
+        """``||W0_i||²`` in float32 (or wider), cached while the weight's storage and version stay the same."""
         dim = 0 if self.layout == "in_out" else 1
         if _tracing(weight):
             return _sq_row_norm(weight, dim)
@@ -75,7 +79,14 @@ class DoraUpdate(LoraUpdate):
 
 
 def _sq_row_norm(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.linalg.vector_norm(weight, dim=dim, dtype=torch.float32).square()
+    return torch.linalg.vector_norm(weight, dim=dim, dtype=_at_least_float32(weight.dtype)).square()
+
+
+def _at_least_float32(*dtypes: torch.dtype) -> torch.dtype:
+    result = torch.float32
+    for dtype in dtypes:
+        result = torch.promote_types(result, dtype)
+    return result
 
 
 def _nonzero(norm: torch.Tensor) -> torch.Tensor:

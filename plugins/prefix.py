@@ -139,6 +139,9 @@ class Prefix(pefc.Method):
             module = PrefixKV(length, site.num_kv_heads, _kv_width(site), index if table is not None else None)
             ctx.prepend_kv(site, module, (table,) if table is not None else ())
 
+    def report_extras(self, config: PrefixConfig, sites: Sequence[pefc.Site]) -> dict[str, int]:
+        return {"extra_attention_length": config.num_virtual_tokens}
+
     def param_count(self, config: PrefixConfig, site: pefc.Site) -> int:
         assert isinstance(site, pefc.AttentionSite)
         return 0 if config.projection is not None else config.num_virtual_tokens * 2 * _kv_width(site)

@@ -83,6 +83,9 @@ class Prompt(pefc.Method):
                 module.prompt_embeddings.copy_(table[ids.to(table.device)].to(module.prompt_embeddings.dtype))
         ctx.prepend_sequence(site, module, config.num_virtual_tokens)
 
+    def report_extras(self, config: PromptConfig, sites: Sequence[pefc.Site]) -> dict[str, int]:
+        return {"context_tokens_used": config.num_virtual_tokens}
+
     def param_count(self, config: PromptConfig, site: pefc.Site) -> int:
         assert isinstance(site, pefc.EmbeddingSite)
         return config.num_virtual_tokens * site.embedding_dim

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PEFC_CAPTURE_CACHE", "16")  # reuse captures of identical spec models (tests/test_capture_cache.py)
 warnings.filterwarnings("ignore")
 
 INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
@@ -74,3 +76,50 @@ def registry():
     from pefc.registry import default_registry
 
     return default_registry()
+
+
+class TwoLayerMLP(nn.Module):
+    """A model with linears only: no attention, no embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+class TinyLM(nn.Module):
+    """A plain torch LM (learned positions, causal SDPA with no mask or an additive float mask).
+
+    ``prefix=[(K_p, V_p)]`` per layer and ``inputs_embeds`` make it the eager reference of
+    prefix and prompt tuning.
+    """
+
+    def __init__(self, float_mask: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.float_mask = float_mask
+        self.embed, self.pos = nn.Embedding(50, 16), nn.Embedding(64, 16)
+        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.out = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+        self.head = nn.Linear(16, 50)
+
+    def forward(self, input_ids=None, attention_mask=None, prefix=None, inputs_embeds=None):
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s, _ = x.shape
+        p = 0 if prefix is None else prefix[0][0].shape[-2]
+        x = x + self.pos(torch.arange(s, device=x.device) + p)
+        mask = None
+        if self.float_mask or p:
+            keep = torch.ones(s, s + p, dtype=torch.bool, device=x.device).tril(p)
+            if attention_mask is not None:  # [B, p + s]
+                keep = keep & attention_mask[:, None, None, :].bool()
+            mask = keep if not self.float_mask else torch.zeros(keep.shape).masked_fill(~keep, -1e9)
+        for layer, (qkv, out) in enumerate(zip(self.qkv, self.out, strict=True)):
+            q, k, v = qkv(x).view(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            if prefix is not None:
+                k, v = torch.cat([prefix[layer][0], k], 2), torch.cat([prefix[layer][1], v], 2)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            x = x + out(a.transpose(1, 2).reshape(b, s, 16))
+        return self.head(x)

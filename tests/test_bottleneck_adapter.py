@@ -109,23 +109,10 @@ def test_parameter_report_counts_equal_the_formula(registry, placement):
     assert adapter_report.mergeable is False
 
 
-def test_training_lowers_the_loss_keeps_base_weights_and_merge_leaves_it_in_place():
+def test_merge_leaves_a_bottleneck_adapter_in_place():
     model = pefc.compile(parse_spec(make_spec([adapter(preset="houlsby")])))
-    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("ad.")}
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    randomize_adapters(model)
     inputs = batch(4, 8)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(model(**inputs).logits[:, :-1].flatten(0, 1),
-                                                 inputs["input_ids"][:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in base.items())
     merged = model.merge().eval()
     model.eval()
     with torch.no_grad():

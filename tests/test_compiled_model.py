@@ -144,3 +144,38 @@ def test_dtype_moves_work_like_any_module(dtype):
     model.float()
     with torch.no_grad():
         assert model(**inputs).logits.dtype == torch.float32
+
+
+def test_python_factory_model_source():
+    spec = parse_spec({"version": 1, "model": {"python": "pefc.testing:TinyLM", "kwargs": {"layers": 1}},
+                       "inputs": {"input_ids": {"shape": ["batch", "seq"], "high": 100},
+                                  "attention_mask": {"shape": ["batch", "seq"], "low": 1, "high": 2}},
+                       "adapters": [{"name": "a", "method": "lora", "target": ["@attn.v"], "init": "gaussian"}]})
+    model = pefc.compile(spec)
+    assert [s.path for s in model.parameter_report().adapters[0].sites] == ["layers.0.v_proj"]
+
+
+def test_bad_python_factory_is_a_model_source_error():
+    spec = parse_spec({"version": 1, "model": {"python": "pefc.testing:NoSuchFactory"},
+                       "inputs": {"x": {"shape": ["batch", 4], "dtype": "float32"}}})
+    with pytest.raises(pefc.ModelSourceError, match="cannot import 'pefc.testing:NoSuchFactory'"):
+        pefc.compile(spec)
+
+
+class DataDependent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # branches on tensor values: torch.export cannot capture it
+            return self.proj(x)
+        return x
+
+
+def test_untraceable_model_names_the_model_and_the_reason():
+    spec = parse_spec({"version": 1, "inputs": {"x": {"shape": ["batch", 4], "dtype": "float32"}},
+                       "adapters": [{"name": "a", "method": "lora", "target": ["proj"]}]})
+    with pytest.raises(pefc.CaptureError, match="cannot capture model DataDependent with torch.export") as info:
+        pefc.compile(spec, model=DataDependent(), example_inputs={"x": torch.randn(2, 4)})
+    assert "data-dependent" in str(info.value).lower() or "branches on tensor values" in str(info.value)

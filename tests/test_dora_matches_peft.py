@@ -123,25 +123,6 @@ def test_dora_parameter_report_counts_equal_the_formula(registry):
     assert adapter.mergeable is True
 
 
-def test_dora_training_lowers_the_loss_and_keeps_base_weights():
-    model = pefc.compile(parse_spec(make_spec(dora(["@attn.q", "@attn.v"]))))
-    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("d.")}
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    inputs = batch(4, 8)
-    model.train()
-    losses = []
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(model(**inputs).logits[:, :-1].flatten(0, 1),
-                                                 inputs["input_ids"][:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in base.items())
-
-
 def test_dora_with_a_zero_row_in_the_base_weight_produces_no_nan():
     base = build_hf("llama")
     with torch.no_grad():

@@ -46,3 +46,11 @@ def test_large_spec_plans_on_meta_with_the_paper_count(name):
     report = model.parameter_report()
     assert report.trainable_params == PAPER_COUNTS[name]
     assert report.adapters[0].formula_params == PAPER_COUNTS[name]
+
+
+@pytest.mark.parametrize("name, key", [("llama-prefix.yaml", "extra_attention_length"),
+                                       ("llama-prompt.yaml", "context_tokens_used")])
+def test_inspect_reports_attention_length_and_context_used(name, key):
+    spec = pefc.load_spec(SPECS / name)
+    adapter = pefc.compile(spec).parameter_report().to_dict()["adapters"][0]
+    assert adapter[key] == spec.adapters[0].num_virtual_tokens

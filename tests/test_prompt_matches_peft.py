@@ -10,8 +10,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import batch, build_hf, make_spec
+from conftest import TinyLM, TwoLayerMLP, batch, build_hf, make_spec
 from torch import nn
 
 import pefc
@@ -114,28 +113,6 @@ def test_vocab_init_copies_embedding_rows_reproducibly():
     assert torch.equal(prompt, second.pr.model.embed_tokens.prompt_embeddings)
 
 
-def test_training_lowers_loss_and_keeps_base_weights():
-    compiled = compile_prompt(build_hf("llama"))
-    compiled.train()
-    base_before = {n: p.detach().clone() for n, p in compiled.named_parameters() if not p.requires_grad}
-    (prompt,) = compiled.trainable_parameters()
-    opt = torch.optim.Adam([prompt], lr=5e-2)
-    inputs = batch(4, 8, pad=True)
-    ids = inputs["input_ids"]
-    losses = []
-    for _ in range(8):
-        logits = compiled(**inputs).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    for name, param in compiled.named_parameters():
-        if name in base_before:
-            assert torch.equal(param, base_before[name]), name
-
-
 def test_parameter_count_matches_formula(registry):
     spec = parse_spec({"version": 1, "model": {"hf": {"class": "LlamaForCausalLM", "config": {
         "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 2,
@@ -149,46 +126,13 @@ def test_parameter_count_matches_formula(registry):
 
 
 def test_prompt_without_embedding_names_the_adapter():
-    class MLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(x)))
-
     spec = parse_spec({"version": 1, "inputs": {"x": {"shape": ["batch", 16], "dtype": "float32"}},
                        "adapters": [{"name": "my_prompt", "method": "prompt"}]})
     with pytest.raises(pefc.TargetError, match="adapter 'my_prompt'.*no embedding sites"):
-        pefc.compile(spec, model=MLP(), example_inputs={"x": torch.randn(2, 16)})
+        pefc.compile(spec, model=TwoLayerMLP(), example_inputs={"x": torch.randn(2, 16)})
 
 
-# --- a plain torch model: learned positions, causal SDPA with no mask or an additive float mask -------
-
-class TinyLM(nn.Module):
-    def __init__(self, float_mask: bool) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.float_mask = float_mask
-        self.embed, self.pos = nn.Embedding(50, 16), nn.Embedding(64, 16)
-        self.qkv = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
-        self.out = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
-        self.head = nn.Linear(16, 50)
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        b, s, _ = x.shape
-        x = x + self.pos(torch.arange(s, device=x.device))
-        mask = None
-        if self.float_mask:
-            keep = torch.ones(s, s, dtype=torch.bool, device=x.device).tril() & attention_mask[:, None, None, :].bool()
-            mask = torch.zeros(keep.shape).masked_fill(~keep, -1e9)
-        for qkv, out in zip(self.qkv, self.out, strict=True):
-            q, k, v = qkv(x).view(b, s, 3, 2, 8).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-            x = x + out(a.transpose(1, 2).reshape(b, s, 16))
-        return self.head(x)
-
+# --- a plain torch model (conftest.TinyLM) ----------------------------------------------------------
 
 @pytest.mark.parametrize("float_mask", [False, True], ids=["causal-no-mask", "float-mask"])
 def test_prompt_on_plain_model_matches_eager_reference(float_mask):

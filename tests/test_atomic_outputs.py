@@ -1,0 +1,302 @@
+"""SIGKILL a writer mid-write: the output holds the previous files or none, never a partial one.
+
+Each test runs a child process that writes the same output over and over, with every write
+slowed down in the middle (half the bytes, a pause, the rest) so that a kill can land inside
+it. The child prints ``mid`` inside a write and ``done`` after one; the test kills it either
+inside a write or at a random moment, then checks what a user would find.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import yaml
+from conftest import make_spec
+
+import pefc
+from pefc.checkpoint import ADAPTERS_FILE, SPEC_FILE, read_checkpoint, save_checkpoint
+from pefc.spec import parse_spec
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+
+TESTS = Path(__file__).resolve().parent
+LORA = {"name": "qv", "method": "lora", "target": ["@attn.q"], "r": 2}
+
+PRELUDE = f"""
+import sys, time, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, {str(TESTS)!r})
+import torch, pefc
+from conftest import make_spec
+from pefc.spec import parse_spec
+
+def say(word):
+    print(word, flush=True)
+
+def halves(path, data, pause):
+    with open(path, "wb") as handle:  # a slow disk: half the bytes, a pause, the rest
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        say("mid")
+        time.sleep(pause)
+        handle.write(data[len(data) // 2:])
+"""
+
+SLOW_SAFETENSORS = """
+import safetensors.torch, pefc.checkpoint
+def slow_save_file(tensors, filename, metadata=None):
+    halves(filename, safetensors.torch.save(tensors, metadata=metadata), 0.05)
+pefc.checkpoint.save_file = slow_save_file
+"""
+
+
+class Writer:
+    """A child process that writes an output again and again; the test kills it."""
+
+    def __init__(self, code: str, workdir: Path) -> None:
+        self.log = workdir / "child.log"
+        self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], cwd=TESTS.parent,
+                                     stdout=subprocess.PIPE, stderr=self.log.open("ab"), text=True)
+        self.deadline = time.monotonic() + 120
+
+    def wait_for(self, word: str, count: int = 1) -> None:
+        while count:
+            line = self.proc.stdout.readline()
+            assert line, f"the writer exited early:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < self.deadline, "the writer is too slow"
+            count -= line.strip() == word
+
+    def kill(self, delay: float = 0.0) -> None:
+        time.sleep(delay)
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+def visible(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def hidden(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def assert_checkpoint_whole(directory: Path, *, versioned: bool = True) -> int | None:
+    """The checkpoint in ``directory`` is absent or complete; returns the version every tensor holds."""
+    if not directory.exists():
+        return None
+    assert set(visible(directory)) <= {ADAPTERS_FILE, SPEC_FILE}, visible(directory)
+    if SPEC_FILE in visible(directory):
+        parse_spec(json.loads((directory / SPEC_FILE).read_text()))
+    if ADAPTERS_FILE not in visible(directory):
+        return None
+    assert SPEC_FILE in visible(directory)  # spec.json is written first
+    tensors, _ = read_checkpoint(directory)  # parses, digests match
+    if not versioned:
+        return 0
+    values = {float(v.flatten()[0]) for v in tensors.values()} | {float(v.min()) for v in tensors.values()}
+    assert len(values) == 1, f"tensors from several versions: {values}"
+    return int(values.pop())
+
+
+# kill inside a write / at a random moment; the later rounds overwrite the files of the earlier ones
+ROUNDS = [("mid", 1), ("random", 0), ("mid", 3)]
+
+
+def test_killed_save_adapters_leaves_previous_checkpoint_or_none(tmp_path):
+    out = tmp_path / "ckpt"
+    code = SLOW_SAFETENSORS + f"""
+model = pefc.compile(parse_spec(make_spec([{LORA!r}])))
+say("ready")
+version = 0
+while True:
+    version += 1
+    with torch.no_grad():
+        for tensor in model.adapter_state_dict().values():
+            tensor.fill_(version)
+    model.save_adapters({str(out)!r})
+    say("done")
+"""
+    rng = random.Random(1)
+    versions, temporaries = [], []
+    for how, count in ROUNDS:
+        writer = Writer(code, tmp_path)
+        writer.wait_for("ready")
+        if how == "mid":
+            writer.wait_for("mid", count)
+            writer.kill()
+        else:
+            writer.kill(rng.uniform(0.05, 0.4))
+        versions.append(assert_checkpoint_whole(out))
+        temporaries += hidden(out) if out.exists() else []
+    assert any(name.startswith(f".{ADAPTERS_FILE}.") for name in temporaries)  # some kills hit a write
+    _next_save_removes_stale_temporaries(out)
+
+
+def _next_save_removes_stale_temporaries(out: Path) -> None:
+    tensors, spec = read_checkpoint(out)
+    save_checkpoint(out, tensors, json.dumps(spec))
+    assert hidden(out) == [] and visible(out) == [ADAPTERS_FILE, SPEC_FILE]
+
+
+def test_killed_cli_compile_leaves_previous_checkpoint_or_none(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(make_spec([LORA])))
+    out = tmp_path / "out"
+    code = SLOW_SAFETENSORS + f"""
+from pefc.cli import main
+say("ready")
+while True:
+    assert main(["compile", {str(spec)!r}, "-o", {str(out)!r}]) == 0
+    say("done")
+"""
+    rng = random.Random(2)
+    for how, count in ROUNDS:
+        writer = Writer(code, tmp_path)
+        writer.wait_for("ready")
+        if how == "mid":
+            writer.wait_for("mid", count)
+            writer.kill()
+        else:
+            writer.wait_for("done")
+            writer.kill(rng.uniform(0.0, 0.5))
+        assert_checkpoint_whole(out, versioned=False)
+        if how == "random":
+            assert visible(out) == [ADAPTERS_FILE, SPEC_FILE]  # a complete save happened before the kill
+    _next_save_removes_stale_temporaries(out)
+
+
+def test_killed_export_leaves_previous_model_or_none(tmp_path):
+    out = tmp_path / "onnx" / "model.onnx"
+    code = f"""
+from pefc.export import export_onnx
+original = torch.onnx.ONNXProgram.save
+def slow_save(self, destination, **options):
+    original(self, destination, **options)
+    with open(destination, "rb") as handle:
+        data = handle.read()
+    halves(destination, data, 0.2)
+torch.onnx.ONNXProgram.save = slow_save
+model = pefc.compile(parse_spec(make_spec([{LORA!r}])))
+say("ready")
+while True:
+    export_onnx(model, {str(out)!r})
+    say("done")
+"""
+    rng = random.Random(3)
+    temporaries = []
+    for how, count in [("random", 0), ("mid", 1)]:  # the second finds the first's model.onnx in place
+        writer = Writer(code, tmp_path)
+        writer.wait_for("ready")
+        if how == "random":
+            writer.wait_for("done")
+            writer.kill(rng.uniform(0.0, 1.5))
+        else:
+            writer.wait_for("mid", count)
+            writer.kill()
+        assert set(visible(out.parent)) <= {"model.onnx"}
+        if out.exists():
+            onnx.checker.check_model(onnx.load(str(out)))
+        temporaries += hidden(out.parent)
+    assert any(name.startswith(".model.onnx.") for name in temporaries)
+    _later_export_works_and_cleans_up(out)
+
+
+def _later_export_works_and_cleans_up(out: Path) -> None:
+    from pefc.export import export_onnx
+
+    export_onnx(pefc.compile(parse_spec(make_spec([LORA]))), out)
+    assert hidden(out.parent) == [] and visible(out.parent) == ["model.onnx"]
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_stale_temporaries_of_live_writers_are_kept(tmp_path):
+    """Only entries of dead processes on this host are removed: a live writer's file is never touched."""
+    from pefc.atomic import _HOST, remove_stale_temporaries
+
+    target = tmp_path / ADAPTERS_FILE
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        names = {f".{ADAPTERS_FILE}.{sleeper.pid}@{_HOST}.a.tmp": True, f".{ADAPTERS_FILE}.{dead}@{_HOST}.b.tmp": False,
+                 f".{ADAPTERS_FILE}.{dead}@otherhost.c.tmp": True, f".{ADAPTERS_FILE}.{os.getpid()}@{_HOST}.d.tmp": True,
+                 f".other.{dead}@{_HOST}.e.tmp": True}
+        for name in names:
+            (tmp_path / name).write_bytes(b"partial")
+        removed = remove_stale_temporaries(target)
+        assert [p.name for p in removed] == [n for n, kept in names.items() if not kept]
+        assert sorted(hidden(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_concurrent_reader_never_sees_a_partial_checkpoint(tmp_path):
+    """While a child saves over and over, every read in this process finds a whole checkpoint."""
+    out = tmp_path / "ckpt"
+    code = SLOW_SAFETENSORS.replace("0.05", "0.002") + f"""
+model = pefc.compile(parse_spec(make_spec([{LORA!r}])))
+say("ready")
+for version in range(1, 41):
+    with torch.no_grad():
+        for tensor in model.adapter_state_dict().values():
+            tensor.fill_(version)
+    model.save_adapters({str(out)!r})
+say("finished")
+"""
+    writer = Writer(code, tmp_path)
+    writer.wait_for("ready")
+    seen = set()
+    while writer.proc.poll() is None:
+        version = assert_checkpoint_whole(out)
+        if version is not None:
+            seen.add(version)
+    assert writer.proc.wait(timeout=60) == 0
+    assert assert_checkpoint_whole(out) == 40 and len(seen) > 3
+    assert torch.equal(read_checkpoint(out)[0]["qv.model.layers.0.self_attn.q_proj.lora_B"],
+                       torch.full((32, 2), 40.0))
+
+
+class _FakeProgram:
+    """Saves like an ONNXProgram with external data: MODEL and MODEL.data."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def save(self, destination: str, external_data: bool) -> None:
+        Path(destination).write_text(f"model {self.tag}")
+        Path(destination + ".data").write_text(f"data {self.tag}")
+
+
+def test_export_with_external_data_never_pairs_the_previous_model_with_new_data(tmp_path, monkeypatch):
+    from pefc import export
+
+    path = tmp_path / "model.onnx"
+    export._atomic_save(_FakeProgram("old"), path, True)
+    replace = os.replace
+
+    def crash_before_the_model_lands(source, target):
+        if Path(target) == path:
+            raise OSError("killed")
+        replace(source, target)
+
+    monkeypatch.setattr(export.os, "replace", crash_before_the_model_lands)
+    with pytest.raises(OSError, match="killed"):
+        export._atomic_save(_FakeProgram("new"), path, True)
+    assert not path.exists()  # no model rather than the old model with the new data
+    monkeypatch.setattr(export.os, "replace", replace)
+    export._atomic_save(_FakeProgram("new"), path, True)
+    assert visible(tmp_path) == ["model.onnx", "model.onnx.data"] and hidden(tmp_path) == []
+    assert {p.read_text() for p in tmp_path.iterdir()} == {"model new", "data new"}
