@@ -117,17 +117,21 @@ class RewriteContext:
     def add_module(self, site: Site, module: nn.Module) -> str:
         """Register ``module`` as ``<adapter>.<site path>`` on the adapter's device and dtype."""
         name = self.module_name(site)
+        self._register(name, module, f"placed two modules at site {site.path!r}")
+        return name
+
+    def _register(self, name: str, module: nn.Module, clash: str) -> None:
+        """Add ``module`` at ``name`` on the adapter's device and dtype; ``clash`` explains a duplicate."""
         try:
             self.graph_module.get_submodule(name)
         except AttributeError:
             pass
         else:
-            raise PluginError(f"adapter {self.config.name!r} placed two modules at site {site.path!r}")
+            raise PluginError(f"adapter {self.config.name!r} {clash}")
         module = module.to(device=self.device)
         if self.dtype.is_floating_point:
             module = module.to(dtype=self.dtype)
         self.graph_module.add_submodule(name, module)
-        return name
 
     def wrap_output(self, site: LinearSite, module: SiteModule, *, pass_weight: bool = False) -> fx.Node:
         """Replace the site's output ``y`` by ``module(x, y)`` (or ``module(x, y, W, b)``).
@@ -173,16 +177,7 @@ class RewriteContext:
         computation after the inputs); its parameters count as the adapter's shared parameters in reports.
         """
         full = f"{self.config.name}.{name}"
-        try:
-            self.graph_module.get_submodule(full)
-        except AttributeError:
-            pass
-        else:
-            raise PluginError(f"adapter {self.config.name!r} registered shared module {name!r} twice")
-        module = module.to(device=self.device)
-        if self.dtype.is_floating_point:
-            module = module.to(dtype=self.dtype)
-        self.graph_module.add_submodule(full, module)
+        self._register(full, module, f"registered shared module {name!r} twice")
         before = before or first_computation(self.graph)
         with self.graph.inserting_before(before):
             return self.graph.call_module(full, tuple(args))
