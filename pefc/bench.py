@@ -1,8 +1,10 @@
 """`pefc bench`: base vs adapted vs merged, and pefc vs HF PEFT, measured in one run.
 
-Every timing is a median over repeats after warm-up, on the same inputs. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the growth of the process's peak resident
-set (``VmHWM``, reset before each measurement) on CPU.
+Every timing is a median over repeats after warm-up, on the same inputs. The models compared
+with each other (base, adapted and merged forward; pefc and HF PEFT train step) are timed
+round-robin, one call of each per round, so drift in clock speed or machine load falls on
+all of them alike. Peak memory, of one more call of each, is ``torch.cuda.max_memory_allocated``
+on CUDA and the growth of the process's peak resident set (``VmHWM``, reset first) on CPU.
 """
 
 from __future__ import annotations
@@ -105,20 +107,32 @@ def _reset_hwm() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> Measurement:
-    for _ in range(warmup):
-        fn()
-    times = []
-    with _PeakMemory(device) as memory:
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append((time.perf_counter() - start) * 1000)
-    return Measurement(statistics.median(times), memory.peak_mb)
+def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+             warmup: int) -> dict[str, Measurement]:
+    """Warm each run up, time them round-robin ``repeats`` times, then take each one's peak memory."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(_elapsed_ms(run, device))
+    peaks = {}
+    for name, run in runs.items():
+        with _PeakMemory(device) as memory:
+            run()
+        peaks[name] = memory.peak_mb
+    return {name: Measurement(statistics.median(times[name]), peaks[name]) for name in runs}
+
+
+def _elapsed_ms(run: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1000
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -163,34 +177,39 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     sizes = {**spec.dims(), **(dims or {})}
     inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
     report = BenchReport(str(target), sizes, repeats, compile_s, capture_s)
-    for name, model in (("base", base), ("adapted", compiled), ("merged", merged)):
-        report.forward[name] = _time(_forward(model, inputs), target, repeats, warmup)
+    forward = {name: _forward(model, inputs) for name, model in
+               (("base", base), ("adapted", compiled), ("merged", merged))}
+    report.forward = _measure(forward, target, repeats, warmup)
     report.ratios["forward adapted/base"] = report.forward["adapted"].median_ms / report.forward["base"].median_ms
     report.ratios["forward merged/base"] = report.forward["merged"].median_ms / report.forward["base"].median_ms
     compiled.train()
-    report.train_step["pefc"] = _time(_train_step(compiled, inputs), target, repeats, warmup)
-    if compare_peft:
-        _bench_peft(report, spec, base, compiled, inputs, target, repeats, warmup)
+    steps = {"pefc": _train_step(compiled, inputs)}
+    reference = _peft_reference(report, spec, base, compiled, target) if compare_peft else None
+    if reference is not None:
+        steps["peft"] = _train_step(reference, inputs)
+    report.train_step = _measure(steps, target, repeats, warmup)
+    if reference is not None:
+        report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
     return report
 
 
-def _bench_peft(report: BenchReport, spec: SpecBase, base: nn.Module, compiled: CompiledModel,
-                inputs: dict[str, torch.Tensor], device: torch.device, repeats: int, warmup: int) -> None:
+def _peft_reference(report: BenchReport, spec: SpecBase, base: nn.Module, compiled: CompiledModel,
+                    device: torch.device) -> nn.Module | None:
+    """The same adapter built by HF PEFT on a copy of ``base`` (train mode), or None (reason in the report)."""
     from pefc.interop.peft import PEFT_METHODS, peft_config
 
     if len(spec.adapters) != 1 or spec.adapters[0].method not in PEFT_METHODS:
         report.peft["skipped"] = "HF PEFT has no single equivalent of this spec"
-        return
+        return None
     try:
         import peft
     except ImportError:
         report.peft["skipped"] = "peft is not installed"
-        return
+        return None
     adapter = spec.adapters[0]
     config = peft_config(compiled, adapter.name, base_class=type(base).__name__)
     reference = peft.get_peft_model(copy.deepcopy(base), config).to(device)
     reference.train()
     report.peft.update({"version": peft.__version__, "method": adapter.method,
                         "trainable_params": sum(p.numel() for p in reference.parameters() if p.requires_grad)})
-    report.train_step["peft"] = _time(_train_step(reference, inputs), device, repeats, warmup)
-    report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
+    return reference

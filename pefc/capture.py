@@ -24,6 +24,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from pefc import fxsource
 from pefc.errors import CaptureError
 from pefc.graphutil import get_arg, set_arg
+from pefc.simplify import simplify
 
 TRAINING_FLAG = "_pefc_training"
 DROPOUT_OPS = (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
@@ -59,8 +60,16 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
     _release_export_state(graph_module)
     drop_metadata_asserts(graph_module)
     bind_dropout_to_mode(graph_module)
+    simplify(graph_module, _device_of(model, inputs))
     fxsource.forget_since(sources, keep=graph_module)  # code of the modules export made on the way
     return graph_module
+
+
+def _device_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next((t for t in inputs.values() if isinstance(t, torch.Tensor)), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _release_export_state(graph_module: fx.GraphModule | None = None) -> None:

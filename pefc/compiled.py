@@ -26,6 +26,7 @@ from pefc.errors import CheckpointError, NumericalError, PefcError
 from pefc.fxsource import track as track_source
 from pefc.report import AdapterReport, ParameterReport, SiteReport
 from pefc.rewrite import BakeableModule, Insertion
+from pefc.simplify import expand_grouped_kv
 
 _PRESERVED = "_user_preserved_attributes"  # fx.GraphModule restores these on deepcopy
 
@@ -81,6 +82,8 @@ class CompiledModel(fx.GraphModule):
         after = _placement(self)
         if before is not None and after is not None and before != after:
             retarget_constants(self.graph, old=before, new=after)
+            if after[0].type != "cpu":
+                expand_grouped_kv(self.graph)  # see pefc.simplify: fused grouped-query attention is for CPU
             self.recompile()
         return self
 

@@ -1,13 +1,23 @@
-"""DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A||_row, the norm detached (as HF PEFT)."""
+"""DoRA (Liu et al. 2024): W' = m * (W0 + s B A) / ||W0 + s B A||_row, the norm detached (as HF PEFT).
+
+Dropout (training only) has two scopes, equal when ``dropout`` is 0 and in eval:
+
+- ``update`` (default; HF PEFT and the DoRA authors' code): the whole update ``W' - W0``
+  reads the dropped input, ``y = W0 x + (W' - W0) drop(x)``. ``W0 drop(x)`` is one more
+  product with the frozen weight per site, forward and backward.
+- ``low_rank``: only ``B A`` reads it, as in LoRA: ``y = g * (W0 x + s B A drop(x))``. No
+  second product with ``W0``: a DoRA step then costs about what a LoRA step costs.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pefc_plugins.lora import Lora, LoraConfig, LoraUpdate
+from pydantic import Field
 from torch import nn
 
 import pefc
@@ -15,67 +25,95 @@ import pefc
 
 class DoraConfig(LoraConfig):
     method: Literal["dora"] = "dora"  # type: ignore[assignment]
+    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_scope")
+    dropout_scope: Literal["update", "low_rank"] = Field(
+        default="update", description="what reads the dropped input while training: the whole update "
+        "W' - W0 (HF PEFT; one more product with W0 per site) or only B A (as LoRA; faster)")
 
 
 class DoraUpdate(LoraUpdate):
-    """``y' = g * (W0 x + s B A drop(x)) + b`` with ``g = m / ||W0 + s B A||_row`` (no gradient to the norm).
+    """``y' = g * (W0 x + s B A x) + b`` with ``g = m / ||W0 + s B A||_row`` (no gradient to the norm).
 
     ``g`` is computed in float32 (the norm and ``m``) and applied in the output's dtype.
+    While training with dropout, ``drop(x)`` replaces ``x`` as ``dropout_scope`` says (see the module).
 
     ``weight`` arrives in the site's stored layout (``out_in`` or ``in_out``). The norm is
     factored so ``W0 + s B A`` is never formed:
-    ``n² = ||W0||² + 2 s rowsum(W0 Aᵀ ⊙ B) + s² rowsum(B (A Aᵀ) ⊙ B)``; ``||W0||²`` is cached
-    per weight storage and version (W0 is frozen; a load or a move recomputes it).
+    ``n² = ||W0||² + 2 s rowsum(W0 Aᵀ ⊙ B) + s² rowsum(B (A Aᵀ) ⊙ B)``. ``||W0||²`` is cached
+    per weight storage and version (W0 is frozen; a load or a move recomputes it), the norm
+    per version of ``W0``, ``A`` and ``B``: once per optimizer step while training (a
+    checkpointed layer's second forward reuses it), once in all for inference.
     """
 
     def __init__(self, weight: torch.Tensor, config: DoraConfig, layout: str) -> None:
         out_features, in_features = weight.shape
         super().__init__(in_features, out_features, config)
         self.layout = layout
+        self.dropout_scope = config.dropout_scope
         self.lora_magnitude_vector = nn.Parameter(torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32))
         self._sq_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._norm_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(y.dtype)
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            x = self.dropout(x)  # as peft: the dropped input feeds the base term of the correction too
-            base = self._base(x.to(weight.dtype), weight)
-        else:
-            base = y - bias if bias is not None else y
-        return y + (g - 1) * base + g * self.low_rank(x).to(y.dtype)
+        dropping = self.training and isinstance(self.dropout, nn.Dropout)
+        if dropping:
+            x = self.dropout(x)
+        if dropping and self.dropout_scope == "update":
+            base = self._base(x.to(weight.dtype), weight)  # as HF PEFT: W0 drop(x) in the correction too
+            return y + (g - 1) * base + g * self.low_rank(x).to(y.dtype)
+        scaled = g * self.add_low_rank(y - bias if bias is not None else y, x)  # g (W0 x + s B A x)
+        return scaled + bias if bias is not None else scaled
 
     def _base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.layout == "in_out" else F.linear(x, weight)
 
-    @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """Row norms ``[out]`` of ``W0 + s B A`` in float32 whatever the dtypes (a low-precision W0 is
-        upcast for ``W0 Aᵀ``; float64 stays float64); an all-zero row gets 1 (its output is 0 at any scale)."""
+        upcast for ``W0 Aᵀ``; float64 stays float64); an all-zero row gets 1 (its output is 0 at any scale).
+        No gradient flows to it."""
+        if _tracing(weight, self.lora_A, self.lora_B):
+            with torch.no_grad():
+                return self._factored_norm(weight, _sq_row_norm(weight, self._row_dim))
+        key = (_version_key(weight), _version_key(self.lora_A), _version_key(self.lora_B), self.scaling)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) enables grad
+                self._norm_cache = (key, self._factored_norm(weight, self.weight_sq_norm(weight)))
+        return self._norm_cache[1]
+
+    def _factored_norm(self, weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
         dtype = _at_least_float32(weight.dtype, self.lora_A.dtype)
         a, b, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
         w = weight.to(dtype)
         w0_at = (a @ w).t() if self.layout == "in_out" else w @ a.t()  # [out, r]
-        cross = (w0_at * b).sum(1)
-        low = ((b @ (a @ a.t())) * b).sum(1)
-        sq = self.weight_sq_norm(weight).to(dtype) + (2 * s) * cross + (s * s) * low
-        return _nonzero(sq.clamp_min(0).sqrt())
+        both = torch.addmm(w0_at, b, a @ a.t(), beta=2 * s, alpha=s * s)  # 2s W0 Aᵀ + s² B A Aᵀ
+        sq = sq_norm.to(dtype) + torch.linalg.vecdot(both, b)
+        return torch.where(sq > 0, sq, 1.0).sqrt()  # a zero (or rounded below zero) row: 1
+
+    @property
+    def _row_dim(self) -> int:
+        return 0 if self.layout == "in_out" else 1
 
     def weight_sq_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """``||W0_i||²`` in float32 (or wider), cached while the weight's storage and version stay the same."""
-        dim = 0 if self.layout == "in_out" else 1
         if _tracing(weight):
-            return _sq_row_norm(weight, dim)
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, tuple(weight.shape))
+            return _sq_row_norm(weight, self._row_dim)
+        key = _version_key(weight)
         if self._sq_cache is None or self._sq_cache[0] != key:
-            with torch.inference_mode(False):
-                self._sq_cache = (key, _sq_row_norm(weight, dim))
+            with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) enables grad
+                self._sq_cache = (key, _sq_row_norm(weight, self._row_dim))
         return self._sq_cache[1]
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         merged = weight + self.delta_weight().to(weight.dtype)
         norm = _nonzero(torch.linalg.vector_norm(merged, dim=1))
         return (self.lora_magnitude_vector.to(merged.dtype) / norm)[:, None] * merged, bias
+
+
+def _version_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Changes whenever ``tensor``'s values may have: another storage, an in-place update, a cast or a move."""
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape)
 
 
 def _sq_row_norm(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -93,10 +131,10 @@ def _nonzero(norm: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
-def _tracing(weight: torch.Tensor) -> bool:
-    """Under torch.compile / torch.export (fake tensors) no cache is kept."""
+def _tracing(*tensors: torch.Tensor) -> bool:
+    """Under torch.compile / torch.export (fake tensors) or with tensor subclasses (DTensor) no cache is kept."""
     return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or type(weight) not in (torch.Tensor, nn.Parameter))
+            or any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors))
 
 
 class Dora(Lora):

@@ -68,15 +68,24 @@ class LoraUpdate(pefc.SiteModule):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.low_rank(self.dropout(x))
-
     def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B A x`` (no dropout)."""
-        return (x.to(self.lora_A.dtype) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        """``s * B A x`` (no dropout), in the adapter's dtype."""
+        return self._scaled_down(x) @ self.lora_B.t()
+
+    def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + s * B A x``. ``s`` scales the rank-``r`` activation, and where the dtypes agree the
+        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output."""
+        h = self._scaled_down(x)
+        if h.dtype != y.dtype:
+            return y + (h @ self.lora_B.t()).to(y.dtype)
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return flat.view(y.shape)
+
+    def _scaled_down(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y + self.delta(x).to(y.dtype)
+        return self.add_low_rank(y, self.dropout(x))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import batch, build_hf, make_spec, randomize_adapters
 from test_lora_matches_peft import copy_adapters_from_peft
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import pefc
 from pefc.spec import parse_spec
@@ -84,16 +85,86 @@ def test_dora_training_dropout_and_gradients_match_peft_layer(family):
         assert torch.allclose(getattr(ours, name).grad, param.grad, atol=1e-4, rtol=1e-4), name
 
 
-def test_factored_norm_equals_the_direct_norm_and_follows_base_weight_changes():
+class _CountProducts(TorchDispatchMode):
+    """Counts matrix products (mm, addmm, bmm) dispatched while active."""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def _dora_site(scope: str, dropout: float):
+    compiled = pefc.compile(parse_spec(make_spec(dora(["@attn.q"], dropout=dropout, dropout_scope=scope))))
+    randomize_adapters(compiled, scale=0.5)
+    path = "model.layers.0.self_attn.q_proj"
+    return compiled.get_submodule(f"d.{path}"), compiled.get_parameter(f"{path}.weight")
+
+
+def test_low_rank_dropout_scope_drops_only_the_low_rank_input_and_skips_the_second_product():
+    update, weight = _dora_site("update", 0.3)
+    low_rank, _ = _dora_site("low_rank", 0.3)
+    low_rank.load_state_dict(update.state_dict())
+    x = torch.randn(2, 5, weight.shape[1])
+    y = x @ weight.t()
+    low_rank.train()
+    torch.manual_seed(5)
+    dropped = low_rank.dropout(x)
+    g = low_rank.lora_magnitude_vector / low_rank.weight_norm(weight)
+    want = g * (y + low_rank.low_rank(dropped))
+    counts = {}
+    for name, module in (("update", update), ("low_rank", low_rank)):
+        module.train()
+        module.weight_norm(weight)  # cached from here on: count the products of the output only
+        torch.manual_seed(5)
+        with _CountProducts() as products:
+            got = module(x, y, weight, None)
+        counts[name] = products.count
+        if name == "low_rank":
+            assert (got - want).abs().max().item() < 1e-5
+    assert counts["update"] == counts["low_rank"] + 1  # W0 drop(x)
+    for module in (update, low_rank):
+        module.eval()
+    assert torch.equal(update(x, y, weight, None), low_rank(x, y, weight, None))  # no dropout: one formula
+
+
+def test_dropout_scopes_agree_without_dropout_while_training():
+    update, weight = _dora_site("update", 0.0)
+    low_rank, _ = _dora_site("low_rank", 0.0)
+    low_rank.load_state_dict(update.state_dict())
+    x = torch.randn(2, 5, weight.shape[1])
+    y = x @ weight.t()
+    assert torch.equal(update.train()(x, y, weight, None), low_rank.train()(x, y, weight, None))
+
+
+def test_factored_norm_equals_the_direct_norm_and_follows_weight_and_adapter_changes():
     compiled = pefc.compile(parse_spec(make_spec(dora(["@attn.q"]))))
     randomize_adapters(compiled, scale=0.5)
     module = compiled.get_submodule("d.model.layers.0.self_attn.q_proj")
     weight = compiled.get_parameter("model.layers.0.self_attn.q_proj.weight")
-    for _ in range(2):
+    for change in (lambda: weight.mul_(2.0), lambda: module.lora_A.add_(0.1), lambda: module.lora_B.mul_(-1.5)):
         direct = torch.linalg.vector_norm(weight + module.delta_weight(), dim=1)
-        assert torch.allclose(module.weight_norm(weight), direct, atol=1e-6)
+        assert torch.allclose(module.weight_norm(weight), direct, atol=1e-5)
+        assert module.weight_norm(weight) is module.weight_norm(weight)  # cached while nothing changes
         with torch.no_grad():
-            weight.mul_(2.0)  # in place: the cached ||W0||^2 must be recomputed
+            change()  # in place, as an optimizer step or a load: the cached norms must be recomputed
+    direct = torch.linalg.vector_norm(weight + module.delta_weight(), dim=1)
+    assert torch.allclose(module.weight_norm(weight), direct, atol=1e-5)
+
+
+def test_cached_norm_serves_training_after_inference_mode():
+    compiled = pefc.compile(parse_spec(make_spec(dora(["@attn.q"]))))
+    randomize_adapters(compiled)
+    inputs = batch(2, 6)
+    with torch.inference_mode():
+        compiled.eval()(**inputs)
+    compiled.train()(**inputs).logits.square().mean().backward()  # the cached norm is not an inference tensor
+    assert compiled.get_submodule("d.model.layers.0.self_attn.q_proj").lora_magnitude_vector.grad is not None
 
 
 def test_dora_merge_is_exact_and_restores_the_base_graph():
