@@ -74,9 +74,11 @@ class LoraUpdate(pefc.SiteModule):
 
     def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + s * B A x``. ``s`` scales the rank-``r`` activation, and where the dtypes agree the
-        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output."""
+        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output.
+        Exported graphs keep product and sum apart (runtimes fuse them; onnxruntime's Gemm refuses
+        the rank-0 LoRA inputs of ``export_onnx(lora_inputs=True)``)."""
         h = self._scaled_down(x)
-        if h.dtype != y.dtype:
+        if h.dtype != y.dtype or torch.compiler.is_exporting():
             return y + (h @ self.lora_B.t()).to(y.dtype)
         flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return flat.view(y.shape)
