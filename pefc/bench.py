@@ -4,13 +4,15 @@ Every timing is a median over repeats after warm-up, on the same inputs. The mod
 with each other (base, adapted and merged forward; pefc and HF PEFT train step) are timed
 round-robin, one call of each per round, so drift in clock speed or machine load falls on
 all of them alike. Peak memory, of one more call of each, is ``torch.cuda.max_memory_allocated``
-on CUDA and the growth of the process's peak resident set (``VmHWM``, reset first) on CPU.
+on CUDA and on CPU the growth of the process's peak resident set (``VmHWM``, reset first,
+after ``malloc_trim`` returned the free heap, so memory of earlier calls is not reused unseen).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import gc
 import statistics
 import time
@@ -78,6 +80,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()  # else memory freed by earlier calls is reused unseen by the peak RSS
             _reset_hwm()
             self.start = _status_kb("VmRSS")
         self.peak_mb: float | None = None
@@ -100,6 +103,12 @@ def _status_kb(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _release_free_heap() -> None:
+    """Return glibc's free heap pages to the OS (no-op elsewhere)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_hwm() -> None:

@@ -99,19 +99,22 @@ class _CountProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _dora_site(scope: str, dropout: float):
-    compiled = pefc.compile(parse_spec(make_spec(dora(["@attn.q"], dropout=dropout, dropout_scope=scope))))
-    randomize_adapters(compiled, scale=0.5)
-    path = "model.layers.0.self_attn.q_proj"
-    return compiled.get_submodule(f"d.{path}"), compiled.get_parameter(f"{path}.weight")
+def _both_scopes(dropout: float):
+    """The q_proj DoRA modules of two models, scopes ``update`` and ``low_rank``, same tensors; W0; x; W0 x."""
+    modules = []
+    for scope in ("update", "low_rank"):
+        compiled = pefc.compile(parse_spec(make_spec(dora(["@attn.q"], dropout=dropout, dropout_scope=scope))))
+        randomize_adapters(compiled, scale=0.5)
+        path = "model.layers.0.self_attn.q_proj"
+        modules.append(compiled.get_submodule(f"d.{path}"))
+        weight = compiled.get_parameter(f"{path}.weight")
+    modules[1].load_state_dict(modules[0].state_dict())
+    x = torch.randn(2, 5, weight.shape[1])
+    return *modules, weight, x, x @ weight.t()
 
 
 def test_low_rank_dropout_scope_drops_only_the_low_rank_input_and_skips_the_second_product():
-    update, weight = _dora_site("update", 0.3)
-    low_rank, _ = _dora_site("low_rank", 0.3)
-    low_rank.load_state_dict(update.state_dict())
-    x = torch.randn(2, 5, weight.shape[1])
-    y = x @ weight.t()
+    update, low_rank, weight, x, y = _both_scopes(0.3)
     low_rank.train()
     torch.manual_seed(5)
     dropped = low_rank.dropout(x)
@@ -134,11 +137,7 @@ def test_low_rank_dropout_scope_drops_only_the_low_rank_input_and_skips_the_seco
 
 
 def test_dropout_scopes_agree_without_dropout_while_training():
-    update, weight = _dora_site("update", 0.0)
-    low_rank, _ = _dora_site("low_rank", 0.0)
-    low_rank.load_state_dict(update.state_dict())
-    x = torch.randn(2, 5, weight.shape[1])
-    y = x @ weight.t()
+    update, low_rank, weight, x, y = _both_scopes(0.0)
     assert torch.equal(update.train()(x, y, weight, None), low_rank.train()(x, y, weight, None))
 
 
