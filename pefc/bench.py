@@ -3,22 +3,20 @@
 Every timing is a median over repeats after warm-up, on the same inputs. The models compared
 with each other (base, adapted and merged forward; pefc and HF PEFT train step) are timed
 round-robin, one call of each per round, so drift in clock speed or machine load falls on
-all of them alike. Peak memory, of one more call of each, is ``torch.cuda.max_memory_allocated``
-on CUDA and on CPU the growth of the process's peak resident set (``VmHWM``, reset first,
-after ``malloc_trim`` returned the free heap, so memory of earlier calls is not reused unseen).
+all of them alike. Peak memory, of one more call of each, is what that call allocates at its peak:
+``torch.cuda.max_memory_allocated`` on CUDA, tensor storage counted op by op
+(:class:`pefc.memory.PeakTensorMemory`) on CPU; weights and optimizer state that exist
+before the call are not counted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
 import gc
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ from torch.utils import _pytree as pytree
 from pefc.compiled import CompiledModel
 from pefc.compiler import compile as compile_spec
 from pefc.errors import SpecError
+from pefc.memory import PeakTensorMemory
 from pefc.source import build_model, example_inputs
 from pefc.spec import SpecBase
 
@@ -68,10 +67,11 @@ class BenchReport:
 
 
 class _PeakMemory:
-    """Peak memory growth of one measured region, in MB."""
+    """Peak memory of the tensors one measured region allocates, in MB."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.peak_mb: float | None = None
 
     def __enter__(self) -> _PeakMemory:
         gc.collect()
@@ -80,10 +80,7 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            _release_free_heap()  # else memory freed by earlier calls is reused unseen by the peak RSS
-            _reset_hwm()
-            self.start = _status_kb("VmRSS")
-        self.peak_mb: float | None = None
+            self.counter = PeakTensorMemory().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -91,29 +88,8 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
         else:
-            hwm = _status_kb("VmHWM")
-            self.peak_mb = (hwm - self.start) / 1024 if hwm is not None and self.start is not None else None
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _release_free_heap() -> None:
-    """Return glibc's free heap pages to the OS (no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_hwm() -> None:
-    with contextlib.suppress(OSError):  # "5" resets the peak RSS (VmHWM) on Linux
-        Path("/proc/self/clear_refs").write_text("5")
+            self.counter.__exit__(*exc)
+            self.peak_mb = self.counter.peak_bytes / 2**20
 
 
 def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
