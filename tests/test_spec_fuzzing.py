@@ -121,9 +121,12 @@ def test_one_megabyte_spec_validates_in_under_a_second(tmp_path, suffix):
     text = json.dumps(data) if suffix == ".json" else __import__("yaml").safe_dump(data)
     path.write_text(text)
     assert path.stat().st_size > 1_000_000
-    started = time.perf_counter()
-    with pytest.raises(pefc.SpecError) as info:
-        pefc.load_spec(path)
-    elapsed = time.perf_counter() - started
-    assert "adapters.302.r" in str(info.value)
+    timings = []
+    for _ in range(3):  # best of 3: the time it takes, not the machine's load at one moment
+        started = time.perf_counter()
+        with pytest.raises(pefc.SpecError) as info:
+            pefc.load_spec(path)
+        timings.append(time.perf_counter() - started)
+        assert "adapters.302.r" in str(info.value)
+    elapsed = min(timings)
     assert elapsed < 1.0, f"validating a {path.stat().st_size:,}-byte spec took {elapsed:.2f}s"
