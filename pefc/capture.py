@@ -121,8 +121,7 @@ def drop_metadata_asserts(graph_module: fx.GraphModule) -> None:
     """Remove ``aten._assert_tensor_metadata`` checks: they pin the capture's dtype and device."""
     for node in list(graph_module.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
-            graph_module.graph.erase_node(node)
-    graph_module.recompile()
+            graph_module.graph.erase_node(node)  # capture()'s last pass (simplify) recompiles
 
 
 @contextmanager
