@@ -25,6 +25,7 @@ from pefc.errors import (
 from pefc.export import export_onnx
 from pefc.hookspecs import hookimpl
 from pefc.method import Method
+from pefc.planner import Plan, plan
 from pefc.rewrite import BakeableModule, RewriteContext, SiteModule
 from pefc.sequence import (
     extend_attention_mask,
@@ -42,7 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationSite", "AdapterConfig", "AttentionSite", "BakeableModule", "CaptureError", "CheckpointError",
     "CompiledModel", "EmbeddingSite", "ExportError", "LinearSite", "Method", "ModelSourceError", "NumericalError", "PefcError",
-    "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
+    "Plan", "PluginError", "RewriteContext", "Site", "SiteModule", "Spec", "SpecError", "TargetError",
     "VerificationError", "compile", "export_onnx", "extend_attention_mask", "hookimpl", "interop", "load_spec",
-    "offset_positions", "parse_spec", "position_edges", "prepend_kv", "prepend_sequence", "selector_matches",
+    "offset_positions", "parse_spec", "plan", "position_edges", "prepend_kv", "prepend_sequence", "selector_matches",
 ]

@@ -215,13 +215,27 @@ def _inspect(args: argparse.Namespace) -> int:
     import pefc
 
     spec = pefc.load_spec(args.spec)
-    model = pefc.compile(spec, device="meta" if args.meta else None)
-    report = model.parameter_report()
+    if args.meta:
+        plan = pefc.plan(spec)
+        if args.json:
+            _print_json(plan.to_dict())
+        else:
+            print(plan.report.table())
+            print(f"\nplanned on the meta device in {plan.seconds:.1f}s: " + _plan_summary(plan))
+        return 0
+    report = pefc.compile(spec).parameter_report()
     if args.json:
         _print_json(report.to_dict())
     else:
         print(report.table())
     return 0
+
+
+def _plan_summary(plan: Any) -> str:
+    if plan.strategy == "replicated":
+        stacks = ", ".join(f"{path} ({n} layers)" for path, n in plan.stacks.items())
+        return f"captured the first layers of {stacks} and replicated their sites"
+    return f"full capture ({plan.reason})"
 
 
 @command("compile")

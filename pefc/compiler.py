@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,10 +12,12 @@ from torch import nn
 from pefc import capture_cache, fxsource
 from pefc.capture import capture
 from pefc.compiled import CompiledModel, CompileState
+from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
+from pefc.method import Method
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
-from pefc.sites import SiteMap, find_sites
+from pefc.sites import Site, SiteMap, find_sites
 from pefc.source import build_model, example_inputs, torch_dtype
 from pefc.spec import SpecBase
 from pefc.targets import match_sites
@@ -33,8 +36,7 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     if model is None:
         graph_module, info, training = _capture_spec_model(spec, device)
     else:
-        inputs = _example_inputs(spec, model, example_inputs)
-        graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+        graph_module = capture_with_spec_inputs(spec, model, example_inputs)
         info, training = base_info(model), model.training
     capture_seconds = time.perf_counter() - started
     base_params = sum(p.numel() for p in graph_module.parameters())
@@ -71,8 +73,7 @@ def _capture_spec_model(spec: SpecBase, device: str | None) -> tuple[Any, dict[s
     if cached is not None:
         return cached
     model = build_model(spec.model, device=device)
-    inputs = _example_inputs(spec, model, None)
-    graph_module = capture(model, inputs, _dynamic_dims(spec, inputs), name=type(model).__name__)
+    graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)
     return graph_module, info, training
@@ -92,6 +93,14 @@ def base_info(model: nn.Module) -> dict[str, Any]:
     if name:
         info["name_or_path"] = str(name)
     return info
+
+
+def capture_with_spec_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None = None,
+                             *, dynamic: bool = True) -> Any:
+    """Capture ``model`` on ``given`` inputs (default: the spec's, on the model's device), the
+    spec's named dims dynamic (or every size static with ``dynamic=False``)."""
+    inputs = _example_inputs(spec, model, given)
+    return capture(model, inputs, _dynamic_dims(spec, inputs) if dynamic else {}, name=type(model).__name__)
 
 
 def _example_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
@@ -125,13 +134,8 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     taken = {name for name, _ in graph_module.named_children()}
     adapter_dtype = getattr(spec, "adapter_dtype", None)
     for config in spec.adapters:
-        if config.name in taken:
-            raise TargetError(f"adapter name {config.name!r} clashes with the base model's submodule "
-                              f"{config.name!r}; choose another name")
-        method = registry.method(config.method)
-        matched = match_sites(config, sites.sites, method.site_kinds)
-        method.validate_sites(config, matched)
-        formula[config.name] = _formula_params(method, config, matched)
+        method, matched = select_sites(config, sites.sites, registry, taken)
+        formula[config.name] = formula_params(method, config, matched)
         extras[config.name] = method.report_extras(config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
                              adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None)
@@ -149,7 +153,23 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     return insertions
 
 
-def _formula_params(method: Any, config: Any, sites: list[Any]) -> int | None:
+def select_sites(config: AdapterConfig, sites: Sequence[Site], registry: Registry,
+                 taken: set[str]) -> tuple[Method, list[Site]]:
+    """The adapter's method and the sites its targets select, validated by the method.
+
+    ``taken`` holds the names already used at the model's top level (base submodules and
+    earlier adapters); an adapter named like one of them is refused.
+    """
+    if config.name in taken:
+        raise TargetError(f"adapter name {config.name!r} clashes with the base model's submodule "
+                          f"{config.name!r}; choose another name")
+    method = registry.method(config.method)
+    matched = match_sites(config, sites, method.site_kinds)
+    method.validate_sites(config, matched)
+    return method, matched
+
+
+def formula_params(method: Method, config: AdapterConfig, sites: Sequence[Site]) -> int | None:
     """The method's own parameter formula over ``sites`` (None if the plugin gives none)."""
     try:
         return sum(method.param_count(config, s) for s in sites) + method.shared_param_count(config, sites)

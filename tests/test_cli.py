@@ -63,6 +63,14 @@ def test_inspect_json_contract():
     assert data["trainable_params"] == sum(s["params"] for s in adapter["sites"])
 
 
+def test_inspect_meta_prints_the_table_and_how_it_planned():
+    result = pefc("inspect", "specs/llama2-7b-lora.yaml", "--meta")
+    assert result.returncode == 0, result.stderr
+    assert "trainable params: 4,194,304 (0.0622% of base)" in result.stdout
+    assert "model.layers.31.self_attn.v_proj" in result.stdout
+    assert "captured the first layers of model.layers (32 layers) and replicated their sites" in result.stdout
+
+
 def test_compile_writes_checkpoint(tmp_path):
     out = tmp_path / "out"
     result = pefc("compile", "specs/llama-lora.yaml", "-o", str(out))

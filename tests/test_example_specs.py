@@ -20,8 +20,7 @@ PAPER_COUNTS = {
     "llama2-7b-prefix.yaml": 32 * 30 * 2 * 4096,                          # 7,864,320
     "llama2-7b-prompt.yaml": 100 * 4096,                                  # 409,600
 }
-# specs/llama2-70b-lora.yaml (80 x 8 x ((8192 + 8192) + (8192 + 1024)) = 16,384,000) is planned by hand:
-# `pefc inspect specs/llama2-70b-lora.yaml --meta`; it would add ~20 s to the suite.
+# specs/llama2-70b-lora.yaml (80 x 8 x ((8192 + 8192) + (8192 + 1024)) = 16,384,000): tests/test_planning.py.
 
 
 def test_one_example_spec_per_method_and_mam():
@@ -41,10 +40,11 @@ def test_example_spec_compiles(path):
 
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
 def test_large_spec_plans_on_meta_with_the_paper_count(name):
-    model = pefc.compile(pefc.load_spec(SPECS / name), device="meta")
-    assert all(p.is_meta for p in model.parameters())
-    report = model.parameter_report()
+    plan = pefc.plan(pefc.load_spec(SPECS / name))
+    assert plan.strategy == "replicated", plan.reason
+    report = plan.parameter_report()
     assert report.trainable_params == PAPER_COUNTS[name]
+    assert sorted({s.layer for s in report.adapters[0].sites}) in ([None], list(range(32)))
     assert report.adapters[0].formula_params == PAPER_COUNTS[name]
 
 

@@ -1,0 +1,223 @@
+"""`pefc.plan` (``pefc inspect --meta``) gives the report of a full capture, from one replicated layer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import torch
+from conftest import make_spec
+from torch import nn
+
+import pefc
+from pefc.registry import build_registry
+from pefc.spec import parse_spec
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+LORA_QV = {"name": "qv", "method": "lora", "target": ["@attn.q", "@attn.v"], "r": 4}
+CASES: dict[str, tuple[str, int, list[dict[str, Any]]]] = {
+    "llama-lora": ("llama", 4, [LORA_QV]),
+    "llama-lora-patterns-and-layers": ("llama", 4, [{
+        "name": "all", "method": "lora", "target": ["@attn", "@mlp"], "r": 4, "layers": [1, 3],
+        "rank_pattern": {"@attn.v": 2, "*.layers.3.mlp.down_proj": 6}, "alpha_pattern": {"@mlp.up": 3.0}}]),
+    "llama-lora-path-globs": ("llama", 3, [{"name": "g", "method": "lora", "r": 2,
+                                            "target": ["model.layers.2.*_proj", "lm_head"]}]),
+    "llama-dora": ("llama", 4, [{"name": "d", "method": "dora", "target": ["@attn.q", "@mlp.down"], "r": 4}]),
+    "llama-ia3": ("llama", 3, [{"name": "i", "method": "ia3", "target": ["@attn.k", "@attn.v", "@mlp.down"]}]),
+    "llama-adapters": ("llama", 3, [{"name": "h", "method": "adapter", "preset": "houlsby", "size": 8},
+                                    {"name": "p", "method": "adapter", "target": ["@mlp.down"],
+                                     "placement": "parallel", "size": 4}]),
+    "llama-prefix": ("llama", 4, [{"name": "p", "method": "prefix", "num_virtual_tokens": 5, "layers": [0, 2]}]),
+    "llama-prefix-projection": ("llama", 3, [{"name": "p", "method": "prefix", "num_virtual_tokens": 4,
+                                              "projection": {"hidden": 16}}]),
+    "llama-prompt": ("llama", 3, [{"name": "t", "method": "prompt", "num_virtual_tokens": 6}]),
+    "llama-mam": ("llama", 3, [{"name": "p", "method": "prefix", "num_virtual_tokens": 4},
+                               {"name": "f", "method": "adapter", "target": ["@mlp.down"], "placement": "parallel",
+                                "size": 8}]),
+    "llama-vera": ("llama", 3, [{"name": "v", "method": "vera", "target": ["@attn.q", "@attn.v"], "r": 16}]),
+    "gpt2-lora-ia3": ("gpt2", 3, [{"name": "l", "method": "lora", "target": ["@attn.qkv", "@attn.o"], "r": 4},
+                                  {"name": "i", "method": "ia3", "target": ["@attn.qkv", "@mlp.down"]}]),
+    "gpt2-prefix": ("gpt2", 3, [{"name": "p", "method": "prefix", "num_virtual_tokens": 3}]),
+    "bert-lora-adapter": ("bert", 3, [LORA_QV, {"name": "a", "method": "adapter", "preset": "pfeiffer", "size": 8}]),
+    "qwen2-lora": ("qwen2", 3, [{"name": "l", "method": "lora", "target": ["@attn"], "r": 2}]),
+}
+LAYER_KEY = {"gpt2": "n_layer"}
+
+
+def _spec(family: str, layers: int, adapters: list[dict[str, Any]]) -> pefc.Spec:
+    data = make_spec(copy.deepcopy(adapters), family)
+    data["model"]["hf"]["config"][LAYER_KEY.get(family, "num_hidden_layers")] = layers
+    return parse_spec(data)
+
+
+def _without_plan(report: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in report.items() if key != "plan"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plan_equals_the_report_of_a_full_capture(case):
+    spec = _spec(*CASES[case])
+    plan = pefc.plan(spec)
+    assert plan.strategy == "replicated", plan.reason
+    assert _without_plan(plan.to_dict()) == pefc.compile(spec).parameter_report().to_dict()
+
+
+def test_plan_sites_equal_a_full_capture_on_every_attribute_but_the_node():
+    spec = _spec("llama", 4, [LORA_QV])
+    planned = pefc.plan(spec).sites
+    full = pefc.plan(spec, replicate=False)
+    assert full.strategy == "full"
+    assert [_site_fields(s) for s in planned] == [_site_fields(s) for s in full.sites]
+    assert len({s.layer for s in planned if s.layer is not None}) == 4
+
+
+def _site_fields(site: pefc.Site) -> dict[str, Any]:
+    return {k: v for k, v in vars(site).items() if not isinstance(v, torch.fx.Node)}
+
+
+def test_plan_names_the_stack_it_replicated_and_allocates_nothing():
+    spec = _spec("llama", 5, [LORA_QV])
+    plan = pefc.plan(spec)
+    assert plan.stacks == {"model.layers": 5}
+    assert plan.to_dict()["plan"]["strategy"] == "replicated"
+    assert all(s.node.graph is plan.sites[0].node.graph for s in plan.sites)  # one (cut) graph
+
+
+def test_a_target_that_matches_nothing_fails_as_in_compile():
+    spec = _spec("llama", 4, [{**LORA_QV, "layers": [7]}])
+    with pytest.raises(pefc.TargetError) as planned:
+        pefc.plan(spec)
+    with pytest.raises(pefc.TargetError) as compiled:
+        pefc.compile(spec)
+    assert str(planned.value) == str(compiled.value)
+    assert "matches layers [0, 1, 2, 3]" in str(planned.value)
+
+
+def test_a_model_of_two_layers_is_captured_whole():
+    spec = _spec("llama", 2, [LORA_QV])
+    plan = pefc.plan(spec)
+    assert (plan.strategy, plan.reason) == ("full", "the model has no stack of identical layers")
+    assert plan.to_dict()["trainable_params"] == pefc.compile(spec).parameter_report().trainable_params
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mix, self.last = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, is_last: bool) -> torch.Tensor:
+        x = x + self.mix(x)
+        return self.last(x) if is_last else x
+
+
+class LastLayerDiffers(nn.Module):
+    """Identical layers by parameters, but only the last one calls ``last``."""
+
+    def __init__(self, widths: list[int] | None = None) -> None:
+        super().__init__()
+        widths = widths or [8] * 4
+        self.inp = nn.Linear(8, widths[0])
+        self.layers = nn.ModuleList(_Block(w) for w in widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x[..., :layer.mix.in_features], i == len(self.layers) - 1)
+        return x
+
+
+def _python_spec(**kwargs: Any) -> pefc.Spec:
+    return parse_spec({"version": 1, "model": {"python": "test_planning:LastLayerDiffers", "kwargs": kwargs},
+                       "inputs": {"x": {"shape": ["batch", 8], "dtype": "float32"}},
+                       "adapters": [{"name": "l", "method": "lora", "target": ["*.mix", "*.last"], "r": 2}]})
+
+
+def test_layers_that_show_different_sites_are_captured_whole():
+    spec = _python_spec()
+    plan = pefc.plan(spec)
+    assert plan.strategy == "full"
+    assert plan.reason == "layers 0 and 1 of layers show different sites"
+    report = plan.to_dict()
+    assert [s["path"] for s in report["adapters"][0]["sites"]][-2:] == ["layers.3.mix", "layers.3.last"]
+    assert _without_plan(report) == pefc.compile(spec).parameter_report().to_dict()
+
+
+def test_layers_of_different_shapes_are_no_stack():
+    plan = pefc.plan(_python_spec(widths=[8, 8, 4]))
+    assert (plan.strategy, plan.reason) == ("full", "the model has no stack of identical layers")
+
+
+class _NoFormula(pefc.AdapterConfig):
+    method: Literal["noformula"] = "noformula"
+
+
+class _NoFormulaMethod(pefc.Method):
+    name = "noformula"
+    config = _NoFormula
+
+    def rewrite(self, ctx, config, sites):
+        for site in sites:
+            ctx.wrap_output(site, _Scale(site.out_features))
+
+
+class _Scale(pefc.SiteModule):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(width))
+
+    def forward(self, x, y):
+        return y * self.g
+
+
+class _Plugin:
+    @pefc.hookimpl
+    def pefc_methods(self):
+        return [_NoFormulaMethod()]
+
+
+def test_a_method_without_a_formula_is_planned_by_a_full_capture():
+    registry = build_registry(extra_plugins=[("noformula", _Plugin())])
+    spec = parse_spec(make_spec([{"name": "n", "method": "noformula", "target": ["@attn.q"]}]), registry=registry)
+    data = spec.model_dump(by_alias=True)
+    data["model"]["hf"]["config"]["num_hidden_layers"] = 3
+    spec = parse_spec(data, registry=registry)
+    plan = pefc.plan(spec, registry=registry)
+    assert plan.strategy == "full"
+    assert plan.reason == "method 'noformula' gives no parameter formula (param_count)"
+    assert plan.report.trainable_params == 3 * 32
+
+
+def test_plan_of_7b_equals_the_full_meta_capture():
+    spec = pefc.load_spec(SPECS / "llama2-7b-ia3.yaml")
+    plan = pefc.plan(spec)
+    assert plan.strategy == "replicated"
+    full = pefc.compile(spec, device="meta").parameter_report().to_dict()
+    assert _without_plan(plan.to_dict()) == full
+
+
+_PEAK_RSS = ("import resource, sys; from pefc.cli import main; code = main(sys.argv[1:]); "
+             "print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+             "sys.exit(code)")
+
+
+def test_inspect_meta_plans_70b_in_one_process_under_1_5_gb():
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS, "inspect", str(SPECS / "llama2-70b-lora.yaml"),
+                             "--meta", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["trainable_params"] == 80 * 8 * ((8192 + 8192) + (8192 + 1024))  # 16,384,000
+    assert report["base_params"] == 68_976_648_192
+    assert report["plan"]["strategy"] == "replicated" and report["plan"]["stacks"] == {"model.layers": 80}
+    peak_kib = int(result.stderr.split("peak_kib")[-1].split()[0])
+    assert peak_kib < 1.5 * 1024 * 1024
+
+
+def test_a_spec_without_a_model_cannot_be_planned():
+    with pytest.raises(pefc.SpecError, match="the spec has no model to plan"):
+        pefc.plan(parse_spec(make_spec([LORA_QV], family=None)))
