@@ -38,6 +38,13 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     else:
         graph_module = capture_with_spec_inputs(spec, model, example_inputs)
         info, training = base_info(model), model.training
+    return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
+
+
+def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], training: bool, registry: Registry,
+                  *, started: float) -> tuple[CompiledModel, list[Site]]:
+    """Rewrite a captured ``graph_module`` into a :class:`CompiledModel`; also return the base
+    model's sites (as found before any adapter was inserted). ``started``: when compiling began."""
     capture_seconds = time.perf_counter() - started
     base_params = sum(p.numel() for p in graph_module.parameters())
     base_node_count = len(graph_module.graph.nodes)
@@ -62,7 +69,7 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
         compiled.gradient_checkpointing_enable()
     registry.hook.pefc_after_rewrite(model=compiled, spec=spec)
     state.extras["timings"] = {"capture_s": capture_seconds, "compile_s": time.perf_counter() - started}
-    return compiled
+    return compiled, sites.sites
 
 
 def _capture_spec_model(spec: SpecBase, device: str | None) -> tuple[Any, dict[str, Any], bool]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefc.compiler import capture_with_spec_inputs, formula_params, select_sites
+from pefc.compiler import base_info, capture_with_spec_inputs, compile_graph, formula_params, select_sites
 from pefc.errors import CaptureError, SpecError
 from pefc.registry import Registry, default_registry
 from pefc.report import AdapterReport, ParameterReport, SiteReport
@@ -96,10 +96,10 @@ def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = 
 
 
 def _full_plan(spec: SpecBase, model: nn.Module, registry: Registry, reason: str, started: float) -> Plan:
-    from pefc.compiler import compile
-
-    compiled = compile(spec, model=model, registry=registry)
-    sites = find_sites(compiled).sites  # the adapted graph: base sites are unchanged
+    """What ``pefc.compile(spec, device="meta")`` reports, with the sites it found."""
+    graph_module = capture_with_spec_inputs(spec, model)
+    compiled, sites = compile_graph(spec, graph_module, base_info(model), model.training, registry,
+                                    started=started)
     return Plan(compiled.parameter_report(), sites, "full", reason=reason, seconds=time.perf_counter() - started)
 
 
@@ -201,8 +201,8 @@ def _check_layers_alike(run: list[Site], stack: str) -> list[Site]:
         moved = [_moved(site, f"{stack}.0", f"{stack}.{index}") for site in first]
         if [_signature(s) for s in moved] != [_signature(s) for s in layer]:
             raise _CannotReplicate(f"layers 0 and {index} of {stack} show different sites")
-    if sum(len(layer) for layer in layers) != len(run):
-        raise _CannotReplicate(f"{stack} has sites outside its layers")
+    if run != [site for layer in layers for site in layer]:
+        raise _CannotReplicate(f"the layers of {stack} do not run one after the other, in order")
     return first
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import pytest
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PEFC_CAPTURE_CACHE", "16")  # reuse captures of identical spec models (tests/test_capture_cache.py)
 warnings.filterwarnings("ignore")
+
+import pefc  # noqa: E402  (after PEFC_CAPTURE_CACHE is set: pefc reads it on import)
 
 INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
           "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}
@@ -69,6 +72,24 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def make_method(name: str, **attrs: Any) -> pefc.Method:
+    """A third-party method ``name`` (its config: the base keys only); ``attrs`` set its hooks."""
+    config = pydantic.create_model(f"{name.title()}Config", __base__=pefc.AdapterConfig,
+                                   method=(Literal[name], name))
+    return type(f"{name.title()}Method", (pefc.Method,), {"name": name, "config": config, **attrs})()
+
+
+class MethodsPlugin:
+    """A pluggy plugin object providing ``methods`` (for ``build_registry(extra_plugins=...)``)."""
+
+    def __init__(self, *methods: Any) -> None:
+        self.methods = list(methods)
+
+    @pefc.hookimpl
+    def pefc_methods(self) -> list[Any]:
+        return self.methods
 
 
 @pytest.fixture(scope="session")

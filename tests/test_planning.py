@@ -7,11 +7,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 import torch
-from conftest import make_spec
+from conftest import MethodsPlugin, make_method, make_spec
 from torch import nn
 
 import pefc
@@ -116,54 +116,56 @@ class _Block(nn.Module):
         return self.last(x) if is_last else x
 
 
-class LastLayerDiffers(nn.Module):
-    """Identical layers by parameters, but only the last one calls ``last``."""
+class Stack(nn.Module):
+    """Layers with the same parameters; ``last_differs``: only the last one calls ``last``;
+    ``reverse``: the layers run from the last to the first."""
 
-    def __init__(self, widths: list[int] | None = None) -> None:
+    def __init__(self, widths: list[int] | None = None, last_differs: bool = False, reverse: bool = False) -> None:
         super().__init__()
         widths = widths or [8] * 4
         self.inp = nn.Linear(8, widths[0])
         self.layers = nn.ModuleList(_Block(w) for w in widths)
+        self.last_differs, self.reverse = last_differs, reverse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inp(x)
-        for i, layer in enumerate(self.layers):
-            x = layer(x[..., :layer.mix.in_features], i == len(self.layers) - 1)
+        order = list(self.layers)[::-1] if self.reverse else list(self.layers)
+        for i, layer in enumerate(order):
+            x = layer(x[..., :layer.mix.in_features], self.last_differs and i == len(order) - 1)
         return x
 
 
 def _python_spec(**kwargs: Any) -> pefc.Spec:
-    return parse_spec({"version": 1, "model": {"python": "test_planning:LastLayerDiffers", "kwargs": kwargs},
+    return parse_spec({"version": 1, "model": {"python": "test_planning:Stack", "kwargs": kwargs},
                        "inputs": {"x": {"shape": ["batch", 8], "dtype": "float32"}},
-                       "adapters": [{"name": "l", "method": "lora", "target": ["*.mix", "*.last"], "r": 2}]})
+                       "adapters": [{"name": "l", "method": "lora", "r": 2,
+                                     "target": ["inp", "*.mix", *(["*.last"] if kwargs.get("last_differs") else [])]}]})
 
 
-def test_layers_that_show_different_sites_are_captured_whole():
+def test_a_plain_torch_stack_is_replicated():
     spec = _python_spec()
     plan = pefc.plan(spec)
-    assert plan.strategy == "full"
-    assert plan.reason == "layers 0 and 1 of layers show different sites"
-    report = plan.to_dict()
-    assert [s["path"] for s in report["adapters"][0]["sites"]][-2:] == ["layers.3.mix", "layers.3.last"]
-    assert _without_plan(report) == pefc.compile(spec).parameter_report().to_dict()
+    assert (plan.strategy, plan.stacks) == ("replicated", {"layers": 4})
+    assert _without_plan(plan.to_dict()) == pefc.compile(spec).parameter_report().to_dict()
 
 
-def test_layers_of_different_shapes_are_no_stack():
-    plan = pefc.plan(_python_spec(widths=[8, 8, 4]))
-    assert (plan.strategy, plan.reason) == ("full", "the model has no stack of identical layers")
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"last_differs": True}, "layers 0 and 1 of layers show different sites"),
+    ({"reverse": True}, "the layers of layers do not run one after the other, in order"),
+    ({"widths": [8, 8, 4]}, "the model has no stack of identical layers")])
+def test_a_stack_that_cannot_be_replicated_is_captured_whole(kwargs, reason):
+    spec = _python_spec(**kwargs)
+    plan = pefc.plan(spec)
+    assert (plan.strategy, plan.reason) == ("full", reason)
+    assert _without_plan(plan.to_dict()) == pefc.compile(spec).parameter_report().to_dict()
+    full = pefc.plan(spec, replicate=False)
+    assert [_site_fields(s) for s in plan.sites] == [_site_fields(s) for s in full.sites]
 
 
-class _NoFormula(pefc.AdapterConfig):
-    method: Literal["noformula"] = "noformula"
-
-
-class _NoFormulaMethod(pefc.Method):
-    name = "noformula"
-    config = _NoFormula
-
-    def rewrite(self, ctx, config, sites):
-        for site in sites:
-            ctx.wrap_output(site, _Scale(site.out_features))
+def test_a_last_layer_with_other_sites_is_reported_as_it_is():
+    report = pefc.plan(_python_spec(last_differs=True)).to_dict()
+    paths = [s["path"] for s in report["adapters"][0]["sites"]]
+    assert paths == ["inp", "layers.0.mix", "layers.1.mix", "layers.2.mix", "layers.3.mix", "layers.3.last"]
 
 
 class _Scale(pefc.SiteModule):
@@ -175,14 +177,14 @@ class _Scale(pefc.SiteModule):
         return y * self.g
 
 
-class _Plugin:
-    @pefc.hookimpl
-    def pefc_methods(self):
-        return [_NoFormulaMethod()]
+def _scale_every_output(self, ctx, config, sites):
+    for site in sites:
+        ctx.wrap_output(site, _Scale(site.out_features))
 
 
 def test_a_method_without_a_formula_is_planned_by_a_full_capture():
-    registry = build_registry(extra_plugins=[("noformula", _Plugin())])
+    method = make_method("noformula", rewrite=_scale_every_output)
+    registry = build_registry(extra_plugins=[("noformula", MethodsPlugin(method))])
     spec = parse_spec(make_spec([{"name": "n", "method": "noformula", "target": ["@attn.q"]}]), registry=registry)
     data = spec.model_dump(by_alias=True)
     data["model"]["hf"]["config"]["num_hidden_layers"] = 3

@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint
 from typing import Literal
 
 import pytest
-from conftest import make_spec
+from conftest import MethodsPlugin, make_spec
 
 import pefc
 from pefc.registry import build_registry
@@ -29,15 +29,6 @@ class _Exploding(pefc.Method):
 
     def param_count(self, config, site):
         return 0
-
-
-class _Plugin:
-    def __init__(self, *methods):
-        self.methods = list(methods)
-
-    @pefc.hookimpl
-    def pefc_methods(self):
-        return self.methods
 
 
 def test_builtins_come_from_the_entry_point_group(registry):
@@ -64,7 +55,7 @@ def test_a_taken_method_name_is_refused():
 
     Lora2.config = Cfg
     with pytest.warns(UserWarning, match="already provided by plugin 'lora' \\(pefc\\)"):
-        registry = build_registry(extra_plugins=[("dup", _Plugin(Lora2()))])
+        registry = build_registry(extra_plugins=[("dup", MethodsPlugin(Lora2()))])
     assert registry.method_sources["lora"].name == "lora"
 
 
@@ -73,12 +64,12 @@ def test_a_malformed_config_model_is_refused():
         config = dict
 
     with pytest.warns(UserWarning, match="not a subclass of pefc.AdapterConfig"):
-        registry = build_registry(extra_plugins=[("bad", _Plugin(NotAConfig()))])
+        registry = build_registry(extra_plugins=[("bad", MethodsPlugin(NotAConfig()))])
     assert "echo" not in registry.methods
 
 
 def test_an_error_inside_rewrite_names_the_plugin():
-    registry = build_registry(extra_plugins=[("echo-plugin", _Plugin(_Exploding()))])
+    registry = build_registry(extra_plugins=[("echo-plugin", MethodsPlugin(_Exploding()))])
     spec = parse_spec(make_spec([{"name": "e", "method": "echo", "target": ["@attn.q"]}]), registry=registry)
     with pytest.raises(pefc.PluginError, match="method 'echo' \\(plugin 'echo-plugin'\\) failed while inserting "
                                                "adapter 'e': RuntimeError: kaboom"):
