@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="sites matched, trainable params per adapter, %% of base, mergeable")
     p.add_argument("spec")
-    p.add_argument("--meta", action="store_true", help="plan on the meta device: no weights allocated")
+    p.add_argument("--meta", action="store_true", help="plan on the meta device: no weights allocated; captures two layers of each stack of "
+                   "identical layers and replicates their sites (pefc.plan)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("compile", help="compile a spec; write DIR/adapters.safetensors + DIR/spec.json")
