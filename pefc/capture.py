@@ -65,11 +65,20 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
     return graph_module
 
 
-def _device_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter (else buffer); None for a module without tensors."""
+    tensor = next(module.parameters(), None)
     if tensor is None:
-        tensor = next((t for t in inputs.values() if isinstance(t, torch.Tensor)), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else None
+
+
+def _device_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.device:
+    """Where the captured graph will run: the model's device, else its inputs', else the CPU."""
+    device = module_device(model)
+    if device is None:
+        device = next((t.device for t in inputs.values() if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    return device
 
 
 def _release_export_state(graph_module: fx.GraphModule | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pefc import capture_cache, fxsource
-from pefc.capture import capture
+from pefc.capture import capture, module_device
 from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
@@ -113,15 +113,7 @@ def capture_with_spec_inputs(spec: SpecBase, model: nn.Module, given: dict[str, 
 def _example_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any]:
     if given is not None:
         return dict(given)
-    device = _model_device(model)
-    return example_inputs(spec, device=device)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+    return example_inputs(spec, device=module_device(model) or torch.device("cpu"))
 
 
 def _dynamic_dims(spec: SpecBase, inputs: dict[str, Any]) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ Dropout (training only) has two scopes, equal when ``dropout`` is 0 and in eval:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -73,14 +73,8 @@ class DoraUpdate(LoraUpdate):
         """Row norms ``[out]`` of ``W0 + s B A`` in float32 whatever the dtypes (a low-precision W0 is
         upcast for ``W0 Aᵀ``; float64 stays float64); an all-zero row gets 1 (its output is 0 at any scale).
         No gradient flows to it."""
-        if _tracing(weight, self.lora_A, self.lora_B):
-            with torch.no_grad():
-                return self._factored_norm(weight, _sq_row_norm(weight, self._row_dim))
-        key = (_version_key(weight), _version_key(self.lora_A), _version_key(self.lora_B), self.scaling)
-        if self._norm_cache is None or self._norm_cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) enables grad
-                self._norm_cache = (key, self._factored_norm(weight, self.weight_sq_norm(weight)))
-        return self._norm_cache[1]
+        return self._cached("_norm_cache", (weight, self.lora_A, self.lora_B),
+                            lambda: self._factored_norm(weight, self.weight_sq_norm(weight)))
 
     def _factored_norm(self, weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
         dtype = _at_least_float32(weight.dtype, self.lora_A.dtype)
@@ -97,13 +91,21 @@ class DoraUpdate(LoraUpdate):
 
     def weight_sq_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """``||W0_i||²`` in float32 (or wider), cached while the weight's storage and version stay the same."""
-        if _tracing(weight):
-            return _sq_row_norm(weight, self._row_dim)
-        key = _version_key(weight)
-        if self._sq_cache is None or self._sq_cache[0] != key:
+        return self._cached("_sq_cache", (weight,), lambda: _sq_row_norm(weight, self._row_dim))
+
+    def _cached(self, slot: str, tensors: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()`` without gradient, kept in ``self.<slot>`` while ``tensors`` (and the scaling) are
+        unchanged (see :func:`_version_key`); computed afresh on every call while tracing."""
+        if _tracing(*tensors):
+            with torch.no_grad():
+                return compute()
+        key = (*(_version_key(t) for t in tensors), self.scaling)
+        cached = getattr(self, slot)
+        if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) enables grad
-                self._sq_cache = (key, _sq_row_norm(weight, self._row_dim))
-        return self._sq_cache[1]
+                cached = (key, compute())
+            setattr(self, slot, cached)
+        return cached[1]
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         merged = weight + self.delta_weight().to(weight.dtype)
