@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
-        _quiet_transformers()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when a verb imports transformers
     try:
         return _COMMANDS[args.command](args)
     except PefcError as exc:
@@ -152,14 +153,6 @@ def _os_error(exc: OSError) -> str:
     reason = exc.strerror or str(exc) or type(exc).__name__
     paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
     return f"{' -> '.join(paths)}: {reason}" if paths else f"{type(exc).__name__}: {reason}"
-
-
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()
 
 
 def _print_json(data: Any) -> None:

@@ -19,6 +19,9 @@ warnings.filterwarnings("ignore")
 
 import pefc  # noqa: E402  (after PEFC_CAPTURE_CACHE is set: pefc reads it on import)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker per core: no thread oversubscription
+    torch.set_num_threads(1)
+
 INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
           "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}
 
