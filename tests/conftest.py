@@ -14,7 +14,7 @@ from torch import nn
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PEFC_CAPTURE_CACHE", "16")  # reuse captures of identical spec models (tests/test_capture_cache.py)
+os.environ.setdefault("PEFC_CAPTURE_CACHE", "64")  # reuse captures of identical spec models (tests/test_capture_cache.py)
 warnings.filterwarnings("ignore")
 
 import pefc  # noqa: E402  (after PEFC_CAPTURE_CACHE is set: pefc reads it on import)
