@@ -14,6 +14,7 @@ from pefc.capture import capture, module_device
 from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
+from pefc.hfcheck import raise_hf_issues
 from pefc.method import Method
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
@@ -84,6 +85,7 @@ def _capture_spec_model(spec: SpecBase, device: str | None,
     cached = capture_cache.lookup(spec, device)
     if cached is not None:
         return cached
+    raise_hf_issues(spec)
     model = build_model(spec.model, device=device, trust_code=trust_code)
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training

@@ -57,6 +57,12 @@ def config_keys(class_name: str) -> set[str] | None:
     return keys
 
 
+def config_class_name(class_name: str) -> str | None:
+    """The name of model ``class_name``'s config class (``LlamaConfig``), or None if the source does not tell."""
+    found = _config_class(class_name)
+    return found[1] if found is not None else None
+
+
 def forward_signature(class_name: str) -> Signature | None:
     """The inputs ``class_name.forward`` takes, from the first class of its chain that defines it."""
     path = _modeling_file(class_name)

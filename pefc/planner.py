@@ -31,6 +31,7 @@ from torch import nn
 
 from pefc.compiler import base_info, capture_with_spec_inputs, compile_graph, formula_params, select_sites
 from pefc.errors import CaptureError, SpecError
+from pefc.hfcheck import raise_hf_issues
 from pefc.registry import Registry, default_registry
 from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
 from pefc.rewrite import default_adapter_dtype
@@ -83,6 +84,7 @@ def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = 
     started = time.perf_counter()
     if spec.model is None:
         raise SpecError("the spec has no model to plan; planning builds the model from its `model` section")
+    raise_hf_issues(spec)
     model = build_model(spec.model, device="meta", trust_code=trust_code)
     reason = "replication turned off"
     if replicate:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from pefc.errors import ModelSourceError
+from pefc.hfcheck import read_pretrained_config
 from pefc.ramcheck import check_fits, tensor_bytes
 from pefc.spec import InputSpec, ModelSpec, SpecBase
 from pefc.trust import require_consent
@@ -122,28 +122,6 @@ def _hf_class(transformers: Any, name: str | None) -> type[nn.Module]:
         raise ModelSourceError(f"model.hf.class: transformers has no model class {name!r}",
                                hint="use a class name such as LlamaForCausalLM, GPT2LMHeadModel or BertModel")
     return cls
-
-
-def read_pretrained_config(path: Path) -> dict[str, Any]:
-    """``path/config.json``, refused when it asks for remote code (``auto_map``): pefc never runs it."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelSourceError(f"model.hf.pretrained: {path} has no config.json",
-                               hint="point it at a directory written by save_pretrained")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ModelSourceError(f"{config_file} is not readable JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"{config_file} is not a JSON object")
-    if config.get("auto_map"):
-        names = ", ".join(f"{k} -> {v}" for k, v in dict(config["auto_map"]).items()) \
-            if isinstance(config["auto_map"], dict) else repr(config["auto_map"])
-        raise ModelSourceError(f"{config_file} asks for remote code (auto_map: {names}); pefc keeps "
-                               "trust_remote_code off and never runs code from a model directory",
-                               hint="load the model yourself and pass it: pefc.compile(spec, model=module), "
-                                    "or set model.hf.class to a class transformers ships")
-    return config
 
 
 def _load_pretrained(transformers: Any, path: Path, class_name: str | None, dtype: str) -> nn.Module:

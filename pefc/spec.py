@@ -166,9 +166,9 @@ def parse_spec(data: Any, *, source: str | None = None, document: YamlDocument |
     except ValidationError as exc:
         issues += [_describe(err, document, data, registry) for err in exc.errors() if not _about_unknown(err, unknown)]
     else:
-        from pefc.hfcheck import hf_issues  # imports transformers (when installed), so only here
+        from pefc.hfcheck import source_issues  # reads transformers' source; imports nothing
 
-        issues += [f"{_where(loc, document)}: {message}" for loc, message in hf_issues(spec)]
+        issues += [f"{_where(loc, document)}: {message}" for loc, message in source_issues(spec)]
     if issues:
         hint = "`pefc plugins` lists installed methods" if unknown else None
         raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)

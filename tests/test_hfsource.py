@@ -56,3 +56,31 @@ def test_reading_the_source_imports_neither_transformers_nor_torch():
             "assert hfsource.forward_signature('GPT2LMHeadModel'); print('torch' in sys.modules, 'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_validation_catches_typos_from_the_source_alone():
+    """A misspelt class, config key and input: caught by spec validation, with neither torch nor transformers."""
+    code = """
+import sys
+from pefc.errors import SpecError
+from pefc.spec import parse_spec
+spec = {"version": 1, "inputs": {"input_id": {"shape": ["batch", "seq"]}, "attention_mask": {"shape": ["batch", "seq"]}},
+        "model": {"hf": {"class": "LlamaForCausalLM", "config": {"num_hiden_layers": 2, "hidden_size": 32}}}}
+try:
+    parse_spec(spec)
+except SpecError as exc:
+    print(exc)
+spec["model"]["hf"] = {"class": "Qwen2ForCasualLM"}
+try:
+    parse_spec(spec)
+except SpecError as exc:
+    print(exc)
+print("torch" in sys.modules, "transformers" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = result.stdout
+    assert "model.hf.config.num_hiden_layers: LlamaConfig has no parameter 'num_hiden_layers'" in out
+    assert "did you mean num_hidden_layers?" in out
+    assert "inputs.input_id: LlamaForCausalLM.forward takes no input 'input_id'; did you mean input_ids?" in out
+    assert "model.hf.class: transformers has no model class 'Qwen2ForCasualLM'; did you mean Qwen2ForCausalLM?" in out
+    assert out.split()[-2:] == ["False", "False"]
