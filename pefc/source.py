@@ -56,9 +56,10 @@ def _meta_twin(model: ModelSpec, dtype: torch.dtype) -> nn.Module:
         return _build(model, "meta", dtype)
     transformers = _transformers()
     path = Path(hf.pretrained)
-    cls = _hf_class(transformers, hf.class_ or _architecture(path, read_pretrained_config(path)))
+    values = read_pretrained_config(path)
+    cls = _hf_class(transformers, hf.class_ or _architecture(path, values))
     try:
-        config = cls.config_class.from_pretrained(str(path), local_files_only=True)
+        config = cls.config_class.from_dict(values)  # the config.json already read (and checked), no hub lookup
         with torch.device("meta"), _default_dtype(dtype):
             return cls(config)
     except Exception as exc:
