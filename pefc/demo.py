@@ -155,7 +155,7 @@ def _keep_onnx(model: torch.nn.Module, out_dir: Path, say: Callable[..., None]) 
 def _can_print(text: str) -> bool:
     """Whether stdout's encoding can show ``text`` (else the chart falls back to ASCII)."""
     try:
-        text.encode(sys.stdout.encoding or "ascii")
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")  # None: an in-memory text stream
     except (UnicodeEncodeError, LookupError):
         return False
     return True
