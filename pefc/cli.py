@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
     p.add_argument("--steps", type=_at_least(1), default=300)
-    p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="keep the adapters, spec.json and a merged model.onnx here")
+    p.add_argument("--plot", metavar="FILE", help="also draw the loss curve as a PNG image")
     _add_common_flags(sub)
     return parser
 
@@ -399,7 +401,7 @@ def _export_peft(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pefc.demo import run_demo
 
-    run_demo(steps=args.steps, out_dir=args.output)
+    run_demo(steps=args.steps, out_dir=args.output, plot=args.plot)
     return 0
 
 

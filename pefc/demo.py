@@ -1,14 +1,19 @@
 """`pefc demo`: the main job end to end on a small Llama built from a config.
 
 Compile a LoRA spec, train it on a synthetic sequence-copy task (loss falls), save the
-adapters, reload them into a freshly compiled model and check the outputs are identical.
+adapters, reload them into a freshly compiled model and check the outputs are identical,
+then chart the loss. With ``out_dir`` it keeps the adapters, the spec and a merged ONNX
+file there and prints the commands to run on them next.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 from pefc.compiler import compile as compile_spec
 from pefc.errors import NumericalError
+from pefc.plot import text_chart, write_png
 from pefc.spec import SpecBase, parse_spec
 
 VOCAB = 64
@@ -46,6 +52,8 @@ class DemoResult:
     seconds: float
     trainable_params: int
     base_params: int
+    losses: list[float]
+    next_commands: list[str]
 
 
 def copy_task_batch(batch: int, length: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +72,8 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def run_demo(*, steps: int = 300, batch: int = 32, length: int = 8, lr: float = 1e-2,
-             out_dir: str | Path | None = None, quiet: bool = False) -> DemoResult:
+             out_dir: str | Path | None = None, plot: str | Path | None = None,
+             quiet: bool = False) -> DemoResult:
     started = time.perf_counter()
     torch.manual_seed(0)
     spec: SpecBase = parse_spec(DEMO_SPEC, source="pefc demo")
@@ -117,11 +126,39 @@ def run_demo(*, steps: int = 300, batch: int = 32, length: int = 8, lr: float = 
     accuracy = _copy_accuracy(fresh, length)
     say(f"reloaded into a freshly compiled model: max |diff| of logits = {diff:.3g}; "
         f"copy accuracy {accuracy:.1%}")
-    seconds = time.perf_counter() - started
-    say(f"done in {seconds:.1f}s")
     if not unchanged or diff != 0.0:
         raise RuntimeError("demo check failed: base weights changed or reload differs")
-    return DemoResult(first, final, diff, seconds, report.trainable_params, report.base_params)
+    commands = _keep_onnx(fresh, Path(out_dir), say) if out_dir else []
+    say("\n" + text_chart(losses, ascii_only=not _can_print("█")))
+    if plot:
+        say(f"wrote the loss curve to {write_png(plot, losses)}")
+    seconds = time.perf_counter() - started
+    say(f"done in {seconds:.1f}s")
+    if commands:
+        say("next, on what the demo kept:\n" + "\n".join(f"  {c}" for c in commands))
+    return DemoResult(first, final, diff, seconds, report.trainable_params, report.base_params, losses, commands)
+
+
+def _keep_onnx(model: torch.nn.Module, out_dir: Path, say: Callable[..., None]) -> list[str]:
+    """Export ``model`` merged to ``out_dir/model.onnx``; return the commands to run on ``out_dir`` next."""
+    from pefc.export import export_onnx
+
+    onnx_path = out_dir / "model.onnx"
+    export_onnx(model, onnx_path, merge=True)
+    say(f"exported the merged model to {onnx_path} (LoRA folded into the base weights)")
+    spec, adapters = shlex.quote(str(out_dir / "spec.json")), shlex.quote(str(out_dir))
+    return [f"pefc inspect {spec}",
+            f"pefc export {spec} --adapters {adapters} -o {shlex.quote(str(onnx_path))} --verify",
+            f"pefc export-peft {spec} --adapters {adapters} -o {shlex.quote(str(out_dir / 'peft'))}"]
+
+
+def _can_print(text: str) -> bool:
+    """Whether stdout's encoding can show ``text`` (else the chart falls back to ASCII)."""
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")  # None: an in-memory text stream
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 @torch.no_grad()
