@@ -187,3 +187,35 @@ def _lockstep(ours: torch.nn.Module, theirs: torch.nn.Module, batches: list[dict
             opt.zero_grad()
             model_loss.backward()
             opt.step()
+
+
+def _task(seed: int, n: int = 24) -> dict[str, torch.Tensor]:
+    """The class is which of three marker tokens comes first; the other tokens are noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, LABELS, (n,), generator=g)
+    ids = torch.randint(3, 100, (n, 4), generator=g)
+    ids[:, 0] = torch.tensor([10, 20, 30])[labels]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _accuracy_after_training(model: torch.nn.Module, steps: int = 30) -> float:
+    model.eval()  # no dropout: the comparison is about what can be learned
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(**_task(step)).loss.backward()
+        optimizer.step()
+    test = _task(10_000, n=256)
+    with torch.no_grad():
+        return float((model(**test).logits.argmax(-1) == test["labels"]).float().mean())
+
+
+def test_a_trainable_head_learns_what_a_frozen_random_head_cannot(bert):
+    _, cm, _ = bert
+    trained = cm.clone()
+    frozen = cm.clone()
+    for name in ("classifier.weight", "classifier.bias"):
+        frozen.get_parameter(name).requires_grad_(False)
+    with_head, without = _accuracy_after_training(trained), _accuracy_after_training(frozen)
+    print(f"accuracy: LoRA + trainable head {with_head:.3f}, LoRA + frozen random head {without:.3f}")
+    assert with_head >= 0.9 and without <= with_head - 0.2
