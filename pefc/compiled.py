@@ -185,7 +185,9 @@ class CompiledModel(fx.GraphModule):
         """A deep copy (weights, adapters, graph and compile state)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch pytree spec deprecation noise
-            return copy.deepcopy(self)
+            copied = copy.deepcopy(self)
+        _sign_forward(copied)  # deepcopy regenerates forward before the compile state is back
+        return copied
 
     # -- parameters ------------------------------------------------------------------------
 
