@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +37,33 @@ def atomic_path(target: str | Path, *, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync(tmp_path)
+        _chmod_like_open(tmp_path, target)
         os.replace(tmp_path, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def _chmod_like_open(tmp: Path, target: Path) -> None:
+    """Give ``tmp`` (created 0600) the mode ``open(target, "w")`` would: the existing target's, else
+    0666 less the umask."""
+    try:
+        mode = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        mode = 0o666 & ~current_umask()
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, mode)
+
+
+def current_umask() -> int:
+    """The process's umask (from /proc where it shows it, so that it is never changed, even briefly)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(target: str | Path, text: str) -> None:

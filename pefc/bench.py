@@ -146,12 +146,15 @@ def _train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[
 
 
 def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, warmup: int = 3,
-              dims: dict[str, int] | None = None, compare_peft: bool = True) -> BenchReport:
-    """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring."""
+              dims: dict[str, int] | None = None, compare_peft: bool = True, trust_code: bool = False) -> BenchReport:
+    """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring.
+
+    ``trust_code=True`` consents to import and call the spec's ``model.python`` (:mod:`pefc.trust`).
+    """
     if spec.model is None:
         raise SpecError("bench needs a spec with a `model` (it builds the base model to compare against)")
     device = device or spec.model.device
-    base = build_model(spec.model, device=device).eval()
+    base = build_model(spec.model, device=device, trust_code=trust_code).eval()
     started = time.perf_counter()
     compiled = compile_spec(spec, model=copy.deepcopy(base))
     compile_s = time.perf_counter() - started

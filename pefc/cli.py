@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -110,14 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on a small built-in model")
     p.add_argument("--steps", type=_at_least(1), default=300)
     p.add_argument("-o", "--output", metavar="DIR", help="keep the trained adapters here")
+    _add_common_flags(sub)
     return parser
 
 
+#: verbs that build the spec's model: a `model.python` spec runs its code only with --trust-code
+MODEL_VERBS = ("inspect", "compile", "export", "export-adapter", "export-peft", "bench", "import-peft")
+
+
+def _add_common_flags(sub: Any) -> None:
+    """``--trust-code`` on every verb that builds a model; ``--debug`` after any verb too."""
+    for name in MODEL_VERBS:
+        sub.choices[name].add_argument("--trust-code", action="store_true",
+                                       help="consent to import and call the spec's model.python factory "
+                                            "(also: PEFC_TRUST_CODE=1); without it such a spec is refused")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show Python tracebacks on errors")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while starting up (imports, parsing): one line, no traceback
+        print("pefc: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
         warnings.filterwarnings("ignore")
-        _quiet_transformers()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when a verb imports transformers
     try:
         return _COMMANDS[args.command](args)
     except PefcError as exc:
@@ -154,14 +179,6 @@ def _os_error(exc: OSError) -> str:
     return f"{' -> '.join(paths)}: {reason}" if paths else f"{type(exc).__name__}: {reason}"
 
 
-def _quiet_transformers() -> None:
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()
-
-
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=False, default=str))
 
@@ -169,10 +186,14 @@ def _print_json(data: Any) -> None:
 @command("validate")
 def _validate(args: argparse.Namespace) -> int:
     from pefc.spec import load_spec
+    from pefc.trust import OPT_IN, code_note
 
     spec = load_spec(args.spec)
     methods = ", ".join(f"{a.name}:{a.method}" for a in spec.adapters) or "no adapters"
     print(f"{args.spec}: valid ({methods})")
+    note = code_note(spec.model)
+    if note:
+        print(f"note: model.python: {note}; pefc runs it only with {OPT_IN}")
     return 0
 
 
@@ -215,7 +236,7 @@ def _plugins(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import pefc
 
-    spec = pefc.load_spec(args.spec)
+    spec = pefc.load_spec(args.spec, trust_code=args.trust_code)
     if args.meta:
         plan = pefc.plan(spec)
         if args.json:
@@ -243,7 +264,7 @@ def _plan_summary(plan: Any) -> str:
 def _compile(args: argparse.Namespace) -> int:
     import pefc
 
-    spec = pefc.load_spec(args.spec)
+    spec = pefc.load_spec(args.spec, trust_code=args.trust_code)
     model = pefc.compile(spec)
     out = model.save_adapters(Path(args.output))
     report = model.parameter_report()
@@ -253,10 +274,10 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compiled_with_adapters(spec_path: str, adapters: str | None) -> Any:
+def _compiled_with_adapters(spec_path: str, adapters: str | None, trust_code: bool = False) -> Any:
     import pefc
 
-    model = pefc.compile(pefc.load_spec(spec_path))
+    model = pefc.compile(pefc.load_spec(spec_path, trust_code=trust_code))
     if adapters:
         model.load_adapters(adapters)
     return model
@@ -266,7 +287,7 @@ def _compiled_with_adapters(spec_path: str, adapters: str | None) -> Any:
 def _export(args: argparse.Namespace) -> int:
     from pefc.export import export_onnx
 
-    model = _compiled_with_adapters(args.spec, args.adapters)
+    model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     result = export_onnx(model, args.output, merge=not args.no_merge, verify=args.verify,
                          lora_inputs=args.lora_inputs, dtype=args.dtype, atol=args.atol,
                          external_data=True if args.external_data else None)
@@ -282,7 +303,7 @@ def _export(args: argparse.Namespace) -> int:
 def _export_adapter(args: argparse.Namespace) -> int:
     from pefc.export import export_lora_adapter
 
-    model = _compiled_with_adapters(args.spec, args.adapters)
+    model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     names = export_lora_adapter(model, args.output)
     print(f"wrote {args.output}: {len(names)} LoRA tensors")
     return 0
@@ -299,7 +320,7 @@ def _bench(args: argparse.Namespace) -> int:
         if not size.isdigit() or int(size) < 1:
             raise pefc.SpecError(f"--dims expects NAME=SIZE with a positive size, got {item!r}")
         dims[name] = int(size)
-    report = run_bench(pefc.load_spec(args.spec), device=args.device, repeats=args.repeats, warmup=args.warmup,
+    report = run_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device, repeats=args.repeats, warmup=args.warmup,
                        dims=dims, compare_peft=not args.no_peft)
     if args.json:
         _print_json(report.to_dict())
@@ -333,6 +354,7 @@ def _base_model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | No
     from pefc.errors import SpecError
     from pefc.interop.peft import local_base_model
     from pefc.spec import ModelSpec, read_spec_data
+    from pefc.trust import grant
 
     inputs = None
     if args.base:
@@ -346,10 +368,14 @@ def _base_model_spec(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | No
     if args.dtype:
         data = {**data, "dtype": args.dtype} if isinstance(data, dict) else data
     try:
-        return ModelSpec.model_validate(data), inputs
+        model_spec = ModelSpec.model_validate(data)
     except ValidationError as exc:
         issues = [f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
         raise SpecError("not a valid model section", source=args.model_spec or args.base, issues=issues) from None
+    grant(model_spec, args.trust_code)
+    if args.model_spec:
+        model_spec._origin.folder = str(Path(args.model_spec).resolve().parent)
+    return model_spec, inputs
 
 
 def _yaml(data: Any) -> str:
@@ -362,7 +388,7 @@ def _yaml(data: Any) -> str:
 def _export_peft(args: argparse.Namespace) -> int:
     from pefc.interop import peft as interop
 
-    model = _compiled_with_adapters(args.spec, args.adapters)
+    model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     out = interop.save(model, args.output, adapter=args.adapter, base_model_name_or_path=args.base_name)
     print(f"wrote {out}/adapter_config.json and {out}/adapter_model.safetensors "
           "(load with peft.PeftModel.from_pretrained(base, DIR))")

@@ -25,7 +25,7 @@ from torch import nn
 from pefc.checkpoint import metadata_spec, other_model_note, read_checkpoint_file, save_checkpoint
 from pefc.errors import CheckpointError, NumericalError, PefcError
 from pefc.fxsource import track as track_source
-from pefc.report import AdapterReport, ParameterReport, SiteReport
+from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
 from pefc.rewrite import BakeableModule, Insertion
 from pefc.simplify import expand_grouped_kv
 
@@ -248,7 +248,10 @@ class CompiledModel(fx.GraphModule):
         saved = report(self, self.pefc.saved_params)
         adapters += [saved] if saved is not None else []
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return ParameterReport(self.pefc.base_params, trainable, adapters)
+        floats = [p for p in self.parameters() if p.is_floating_point()]
+        return ParameterReport(self.pefc.base_params, trainable, adapters,
+                               base_dtype=dtype_name({p.dtype for p in floats if not p.requires_grad}),
+                               adapter_dtype=dtype_name({p.dtype for p in floats if p.requires_grad}))
 
     # -- checkpoints -----------------------------------------------------------------------
 

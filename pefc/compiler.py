@@ -15,6 +15,7 @@ from pefc.capture import capture, module_device
 from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
+from pefc.hfcheck import raise_hf_issues
 from pefc.method import Method
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
@@ -23,20 +24,23 @@ from pefc.source import build_model, example_inputs, torch_dtype
 from pefc.spec import SpecBase
 from pefc.targets import match_sites
 from pefc.trainable import saved_parameters
+from pefc.trust import require_consent
 
 
 def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict[str, Any] | None = None,
-            *, device: str | None = None, registry: Registry | None = None) -> CompiledModel:
+            *, device: str | None = None, registry: Registry | None = None,
+            trust_code: bool = False) -> CompiledModel:
     """Compile ``spec`` into a trainable :class:`CompiledModel`.
 
     With ``model`` (and optionally ``example_inputs``) the given module is used instead of
     ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors.
-    ``device="meta"`` plans without allocating weights.
+    ``device="meta"`` plans without allocating weights. ``trust_code=True`` consents to import and
+    call the spec's ``model.python`` (:mod:`pefc.trust`); a ``model`` given here needs no consent.
     """
     registry = registry or default_registry()
     started = time.perf_counter()
     if model is None:
-        graph_module, info, training = _capture_spec_model(spec, device)
+        graph_module, info, training = _capture_spec_model(spec, device, trust_code)
     else:
         graph_module = capture_with_spec_inputs(spec, model, example_inputs)
         info, training = base_info(model), model.training
@@ -78,14 +82,17 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     return compiled, sites.sites
 
 
-def _capture_spec_model(spec: SpecBase, device: str | None) -> tuple[Any, dict[str, Any], bool]:
+def _capture_spec_model(spec: SpecBase, device: str | None,
+                        trust_code: bool = False) -> tuple[Any, dict[str, Any], bool]:
     """Build ``spec.model`` and capture it (or reuse a capture from :mod:`pefc.capture_cache`)."""
     if spec.model is None:
         raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
+    require_consent(spec.model, trust_code)  # a cached capture of a python model needs consent too
     cached = capture_cache.lookup(spec, device)
     if cached is not None:
         return cached
-    model = build_model(spec.model, device=device)
+    raise_hf_issues(spec)
+    model = build_model(spec.model, device=device, trust_code=trust_code)
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     _refuse_meta(model)
     if Path(path).is_dir():
         raise ExportError(f"{path} is a directory", hint=f"give a file name, e.g. {Path(path) / 'model.onnx'}")
+    _refuse_unverifiable(model, dtype, verify)
     prepared = prepare_for_export(model, merge=merge, keep_lora=lora_inputs)
     if dtype is not None:
         prepared = prepared.to(torch_dtype(dtype))
@@ -75,18 +76,29 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     nbytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
     use_external = external_data if external_data is not None else nbytes > LARGE_MODEL_BYTES
     path = Path(path)
-    _atomic_save(program, path, use_external)
     graph = program.model.graph
     ops: dict[str, int] = {}
     for node in graph:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     result = ExportResult(path=path, nodes=sum(ops.values()), op_types=dict(sorted(ops.items())),
                           inputs=[v.name for v in graph.inputs], outputs=output_names,
-                          seconds=time.perf_counter() - started, external_data=use_external, lora_inputs=lora_names)
-    if verify:
+                          seconds=0.0, external_data=use_external, lora_inputs=lora_names)
+
+    def check(written: Path) -> None:  # runs on the file before it replaces ``path``: a failure leaves no file
         tolerance = atol if atol is not None else DEFAULT_ATOL.get(torch_dtype(dtype or "float32"), 1e-4)
         feeds = {n: t.detach().cpu().numpy() for n, t in prepared.state_dict().items() if n in lora_names}
-        result.verify_max_abs_diff = verify_onnx(model, path, atol=tolerance, dtype=dtype, extra_feeds=feeds)
+        try:
+            result.verify_max_abs_diff = verify_onnx(model, written, atol=tolerance, dtype=dtype, extra_feeds=feeds,
+                                                     label=f"{path} (not written)")
+        except VerificationError:
+            raise
+        except Exception as exc:  # onnxruntime cannot load or run the file
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise VerificationError(f"{path} (not written): onnxruntime cannot run the exported file: "
+                                    f"{type(exc).__name__}: {first}") from exc
+
+    _atomic_save(program, path, use_external, check=check if verify else None)
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -100,6 +112,16 @@ def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: b
     unpartition_layers(prepared)  # export the flat graph, as captured
     prepared.eval()
     return prepared
+
+
+def _refuse_unverifiable(model: nn.Module, dtype: str | None, verify: bool) -> None:
+    """Refuse up front to verify a bfloat16 file: onnxruntime's CPU kernels lack bfloat16 (e.g. Mul)."""
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    exported = {torch_dtype(dtype)} if dtype is not None else floats
+    if verify and torch.bfloat16 in exported:
+        raise ExportError("cannot verify a bfloat16 ONNX file: onnxruntime has no CPU kernels for bfloat16 "
+                          "operators such as Mul; nothing was written",
+                          hint="verify a float32 export: --dtype float32 (dtype='float32'), or drop --verify")
 
 
 def _refuse_meta(model: nn.Module) -> None:
@@ -220,8 +242,11 @@ def export_lora_adapter(model: CompiledModel, path: str | Path) -> list[str]:
 
 # --- saving -------------------------------------------------------------------------------------
 
-def _atomic_save(program: Any, path: Path, external_data: bool) -> None:
+def _atomic_save(program: Any, path: Path, external_data: bool,
+                 check: Callable[[Path], None] | None = None) -> None:
     """Save under the final basename in a temp dir beside ``path``, then move data file(s) and model.
+
+    ``check`` (e.g. verification) runs on the saved file first; if it raises, nothing is moved.
 
     The temp dir is ``.{name}.{pid}@{host}.*``: a killed export leaves only such a dot entry,
     which the next export to ``path`` removes (see :mod:`pefc.atomic`). With external data the
@@ -237,6 +262,8 @@ def _atomic_save(program: Any, path: Path, external_data: bool) -> None:
     try:
         with _quiet():
             program.save(str(tmp / path.name), external_data=external_data)
+        if check is not None:
+            check(tmp / path.name)
         data_files = [item for item in tmp.iterdir() if item.name != path.name]
         if data_files and path.exists():
             path.unlink()  # never pair the previous model with new data: no model until the new one lands
@@ -257,10 +284,12 @@ def verification_sizes(model: CompiledModel) -> list[dict[str, int]]:
 
 
 def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, dtype: str | None = None,
-                adapters: Any = None, extra_feeds: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+                adapters: Any = None, extra_feeds: dict[str, np.ndarray] | None = None,
+                label: str | None = None) -> dict[str, float]:
     """Run ``path`` in onnxruntime and ``model`` in torch on fresh shapes; max |diff| per shape.
 
-    ``adapters`` (``onnxruntime.LoraAdapter``) are activated; ``extra_feeds`` are fed by name.
+    ``adapters`` (``onnxruntime.LoraAdapter``) are activated; ``extra_feeds`` are fed by name;
+    errors name the file ``label`` (default: ``path``).
     """
     import onnxruntime as ort
 
@@ -285,6 +314,6 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
         label = "x".join(str(v) for v in sizes.values())
         diffs[label] = diff
         if not diff <= atol:
-            raise VerificationError(f"{path}: onnxruntime output differs from the PyTorch model by {diff:.3g} "
+            raise VerificationError(f"{label or path}: onnxruntime output differs from the PyTorch model by {diff:.3g} "
                                     f"(tolerance {atol:g}) at dims {sizes}")
     return diffs

@@ -31,10 +31,12 @@ from torch import nn
 
 from pefc.compiler import base_info, capture_with_spec_inputs, compile_graph, formula_params, select_sites
 from pefc.errors import CaptureError, SpecError
+from pefc.hfcheck import raise_hf_issues
 from pefc.registry import Registry, default_registry
-from pefc.report import AdapterReport, ParameterReport, SiteReport
+from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
+from pefc.rewrite import default_adapter_dtype
 from pefc.sites import Site, find_sites, layer_of
-from pefc.source import build_model
+from pefc.source import build_model, torch_dtype
 from pefc.spec import SpecBase
 
 #: Layers of each stack that the cut model keeps (the second checks the first).
@@ -71,16 +73,19 @@ class _CannotReplicate(Exception):
     """The model's layers cannot be planned from a cut copy; the message says why."""
 
 
-def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = True) -> Plan:
+def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = True,
+         trust_code: bool = False) -> Plan:
     """Plan ``spec`` on the meta device: the parameter report of :func:`pefc.compile`, fast.
 
     ``replicate=False`` captures the whole model (as ``pefc.compile(spec, device="meta")``).
+    ``trust_code=True`` consents to import and call the spec's ``model.python`` (:mod:`pefc.trust`).
     """
     registry = registry or default_registry()
     started = time.perf_counter()
     if spec.model is None:
         raise SpecError("the spec has no model to plan; planning builds the model from its `model` section")
-    model = build_model(spec.model, device="meta")
+    raise_hf_issues(spec)
+    model = build_model(spec.model, device="meta", trust_code=trust_code)
     reason = "replication turned off"
     if replicate:
         try:
@@ -247,4 +252,7 @@ def _report(spec: SpecBase, model: nn.Module, sites: list[Site], registry: Regis
                                       extra=dict(method.report_extras(config, matched))))
         taken.add(config.name)
     base = sum(p.numel() for p in model.parameters())
-    return ParameterReport(base, sum(a.params for a in adapters), adapters)
+    base_dtype = torch_dtype(spec.model.dtype) if spec.model else torch.float32
+    adapter_dtype = torch_dtype(spec.adapter_dtype) if spec.adapter_dtype else default_adapter_dtype(base_dtype)
+    return ParameterReport(base, sum(a.params for a in adapters), adapters, base_dtype=dtype_name({base_dtype}),
+                           adapter_dtype=dtype_name({adapter_dtype}) if adapters else None)

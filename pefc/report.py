@@ -27,11 +27,19 @@ class AdapterReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def dtype_name(dtypes: set[Any]) -> str | None:
+    """``"float32"`` for one torch dtype, ``"mixed (bfloat16, float32)"`` for several, None for none."""
+    names = sorted(str(d).removeprefix("torch.") for d in dtypes)
+    return None if not names else names[0] if len(names) == 1 else f"mixed ({', '.join(names)})"
+
+
 @dataclass
 class ParameterReport:
     base_params: int
     trainable_params: int
     adapters: list[AdapterReport]
+    base_dtype: str | None = None
+    adapter_dtype: str | None = None  # "mixed (...)" when the adapters differ
 
     @property
     def percent_of_base(self) -> float:
@@ -50,7 +58,12 @@ class ParameterReport:
     def table(self, *, sites: bool = True) -> str:
         """A plain-text table: one line per adapter, then (optionally) one per site."""
         lines = [f"base params:      {self.base_params:,}",
-                 f"trainable params: {self.trainable_params:,} ({self.percent_of_base:.4f}% of base)", ""]
+                 f"trainable params: {self.trainable_params:,} ({self.percent_of_base:.4f}% of base)"]
+        if self.adapter_dtype:
+            lines.append(f"dtypes:           base {self.base_dtype}, adapters {self.adapter_dtype}" + (
+                " (float32 adapters by default over a half-precision base; spec key adapter_dtype sets them)"
+                if self.adapter_dtype != self.base_dtype else ""))
+        lines.append("")
         header = f"{'adapter':<16} {'method':<9} {'sites':>5} {'params':>14} {'% base':>9}  mergeable"
         lines += [header, "-" * len(header)]
         for a in self.adapters:

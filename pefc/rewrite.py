@@ -66,6 +66,16 @@ class Insertion:
     weight_layout: str | None = None
 
 
+#: base dtypes whose adapters train in float32 unless the spec's ``adapter_dtype`` says otherwise
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def default_adapter_dtype(base: torch.dtype) -> torch.dtype:
+    """float32 over a float16/bfloat16 base (half-precision adapters diverge under AdamW, as HF PEFT
+    knows), else the base's dtype."""
+    return torch.float32 if base in HALF_PRECISION else base
+
+
 class RewriteContext:
     """Edits the graph on behalf of one adapter entry of the spec."""
 
@@ -104,10 +114,10 @@ class RewriteContext:
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype for new adapter parameters (the spec's ``adapter_dtype``, else the base's)."""
+        """dtype for new adapter parameters: the spec's ``adapter_dtype``, else :func:`default_adapter_dtype`."""
         if self._adapter_dtype is not None:
             return self._adapter_dtype
-        return next(p for p in self.graph_module.parameters() if p.is_floating_point()).dtype
+        return default_adapter_dtype(next(p for p in self.graph_module.parameters() if p.is_floating_point()).dtype)
 
     # -- placements -------------------------------------------------------------------------
 

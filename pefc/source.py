@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import json
-from contextlib import nullcontext
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +13,72 @@ import torch
 from torch import nn
 
 from pefc.errors import ModelSourceError
+from pefc.hfcheck import read_pretrained_config
+from pefc.ramcheck import check_fits, tensor_bytes
 from pefc.spec import InputSpec, ModelSpec, SpecBase
+from pefc.trust import require_consent
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build_model(model: ModelSpec, *, device: str | None = None) -> nn.Module:
-    """Instantiate ``spec.model`` on ``device`` (default: the spec's), seeded, in its dtype."""
+def build_model(model: ModelSpec, *, device: str | None = None, trust_code: bool = False) -> nn.Module:
+    """Instantiate ``spec.model`` on ``device`` (default: the spec's), seeded, in its dtype.
+
+    A ``python`` source runs only with consent (``trust_code`` or :mod:`pefc.trust`); an ``hf``
+    source is first built on the meta device to check that its weights fit in memory.
+    """
     device = device or model.device
+    require_consent(model, trust_code)
+    dtype = torch_dtype(model.dtype)
+    if device != "meta" and model.hf is not None:
+        check_fits(tensor_bytes(_meta_twin(model, dtype)), f"{_name(model)} in {model.dtype}")
     torch.manual_seed(model.seed)
-    context = torch.device("meta") if device == "meta" else nullcontext()
-    with context:
-        module = _build_hf(model) if model.hf is not None else _build_python(model)
+    module = _build(model, device, dtype)
     if not isinstance(module, nn.Module):
         raise ModelSourceError(f"the model source returned {type(module).__name__}, not a torch.nn.Module")
-    if device != "meta":
-        module = _move(module, device, torch_dtype(model.dtype))
-    else:
-        module = module.to(torch_dtype(model.dtype))
-    return module
+    return _move(module, device, dtype) if device != "meta" else module.to(dtype)
+
+
+def _build(model: ModelSpec, device: str, dtype: torch.dtype) -> Any:
+    """The model source's module, created in ``dtype`` (no float32 copy first)."""
+    context = torch.device("meta") if device == "meta" else nullcontext()
+    with context, _default_dtype(dtype):
+        return _build_hf(model) if model.hf is not None else _build_python(model)
+
+
+def _meta_twin(model: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    """The ``hf`` model on the meta device (a pretrained one from its config alone): no weights read."""
+    hf = model.hf
+    assert hf is not None
+    if hf.pretrained is None:
+        return _build(model, "meta", dtype)
+    transformers = _transformers()
+    path = Path(hf.pretrained)
+    values = read_pretrained_config(path)
+    cls = _hf_class(transformers, hf.class_ or _architecture(path, values))
+    try:
+        config = cls.config_class.from_dict(values)  # the config.json already read (and checked), no hub lookup
+        with torch.device("meta"), _default_dtype(dtype):
+            return cls(config)
+    except Exception as exc:
+        raise ModelSourceError(f"cannot load {cls.__name__} from {path}: {type(exc).__name__}: {exc}") from None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _name(model: ModelSpec) -> str:
+    hf = model.hf
+    return (hf.class_ or f"the model in {hf.pretrained}") if hf is not None else str(model.python)
 
 
 def _move(module: nn.Module, device: str, dtype: torch.dtype) -> nn.Module:
@@ -80,40 +126,51 @@ def _hf_class(transformers: Any, name: str | None) -> type[nn.Module]:
 
 
 def _load_pretrained(transformers: Any, path: Path, class_name: str | None, dtype: str) -> nn.Module:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelSourceError(f"model.hf.pretrained: {path} has no config.json",
-                               hint="point it at a directory written by save_pretrained")
-    if class_name is None:
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ModelSourceError(f"{config_file} is not readable JSON: {exc}") from None
-        architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
-        if not architectures:
-            raise ModelSourceError(f"{config_file} names no architectures; set model.hf.class")
-        class_name = architectures[0]
+    config = read_pretrained_config(path)
+    class_name = class_name or _architecture(path, config)
     cls = _hf_class(transformers, class_name)
     try:
         return cls.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa",
-                                   dtype=torch_dtype(dtype), use_safetensors=True)
+                                   dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelSourceError(f"cannot load {class_name} from {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _architecture(path: Path, config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise ModelSourceError(f"{path / 'config.json'} names no architectures; set model.hf.class")
+    return str(architectures[0])
 
 
 def _build_python(model: ModelSpec) -> nn.Module:
     assert model.python is not None
     module_name, _, attr = model.python.partition(":")
     try:
-        factory: Any = importlib.import_module(module_name)
+        factory: Any = _import(module_name, model._origin.folder)
         for part in attr.split("."):
             factory = getattr(factory, part)
     except (ImportError, AttributeError) as exc:
-        raise ModelSourceError(f"model.python: cannot import {model.python!r}: {exc}") from None
+        where = f" (looked in the spec's folder {model._origin.folder} first, then sys.path)" if model._origin.folder else ""
+        raise ModelSourceError(f"model.python: cannot import {model.python!r}: {exc}{where}",
+                               hint=f"put {module_name.split('.')[0]}.py next to the spec, or make the module "
+                                    "importable (pip install -e, or PYTHONPATH)") from None
     try:
         return factory(**model.kwargs)
     except Exception as exc:
         raise ModelSourceError(f"model.python: {model.python}(**kwargs) failed: {type(exc).__name__}: {exc}") from None
+
+
+def _import(module_name: str, folder: str | None) -> Any:
+    """Import ``module_name``, looking in ``folder`` (the spec's) before ``sys.path``."""
+    if folder is None:
+        return importlib.import_module(module_name)
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        with suppress(ValueError):
+            sys.path.remove(folder)
 
 
 def example_inputs(spec: SpecBase, *, device: str | torch.device = "cpu", seed: int = 0,

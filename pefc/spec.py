@@ -11,11 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, model_validator
 
 from pefc.config import AdapterConfig
 from pefc.errors import SpecError
 from pefc.registry import Registry, default_registry
+from pefc.suggest import did_you_mean, keys_at
+from pefc.trust import Origin, grant
 from pefc.yamlio import YamlDocument, parse_yaml
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
@@ -52,6 +54,7 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|meta)$")
     seed: int = Field(default=0, ge=0, description="seed of the random initialisation")
+    _origin: Origin = PrivateAttr(default_factory=Origin)  # consent to run `python`, the spec's folder
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -154,8 +157,11 @@ def spec_model(registry: Registry | None = None) -> type[SpecBase]:
 
 
 def parse_spec(data: Any, *, source: str | None = None, document: YamlDocument | None = None,
-               registry: Registry | None = None) -> SpecBase:
-    """Validate a spec tree. Errors name each key path (and YAML line, given the ``document``)."""
+               registry: Registry | None = None, trust_code: bool = False) -> SpecBase:
+    """Validate a spec tree. Errors name each key path (and YAML line, given the ``document``).
+
+    ``trust_code=True`` consents to import and call the spec's ``model.python`` (:mod:`pefc.trust`).
+    """
     if not isinstance(data, dict):
         raise SpecError(f"a spec is a mapping with keys version, model, inputs, adapters; got {type(data).__name__}",
                         source=source)
@@ -167,10 +173,15 @@ def parse_spec(data: Any, *, source: str | None = None, document: YamlDocument |
     try:
         spec = spec_model(registry).model_validate(data)
     except ValidationError as exc:
-        issues += [_describe(err, document, data) for err in exc.errors() if not _about_unknown(err, unknown)]
+        issues += [_describe(err, document, data, registry) for err in exc.errors() if not _about_unknown(err, unknown)]
+    else:
+        from pefc.hfcheck import source_issues  # reads transformers' source; imports nothing
+
+        issues += [f"{_where(loc, document)}: {message}" for loc, message in source_issues(spec)]
     if issues:
         hint = "`pefc plugins` lists installed methods" if unknown else None
         raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)
+    grant(spec.model, trust_code)
     return spec
 
 
@@ -189,13 +200,15 @@ def _about_unknown(err: Any, unknown: dict[int, str]) -> bool:
     return len(loc) >= 2 and loc[0] == "adapters" and loc[1] in unknown
 
 
-def _describe(err: Any, document: YamlDocument | None, data: dict[str, Any]) -> str:
+def _describe(err: Any, document: YamlDocument | None, data: dict[str, Any], registry: Registry) -> str:
     loc = [part for part in err["loc"] if not (isinstance(part, str) and "[" in part)]
     if _is_union_tag(loc, data):
         del loc[2]  # adapters.<i>.<method tag>.key -> adapters.<i>.key
     where = _where(loc, document)
     value = err.get("input")
     shown = "" if isinstance(value, (dict, list)) or err["type"] == "missing" else f" (got {_short(value)})"
+    if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+        shown += did_you_mean(loc[-1], keys_at(spec_model(registry), loc[:-1], data))
     return f"{where}: {err['msg']}{shown}"
 
 
@@ -240,10 +253,17 @@ def read_spec_data(path: str | Path) -> tuple[Any, YamlDocument | None]:
         raise SpecError("invalid JSON: nested too deeply", source=str(path)) from None
 
 
-def load_spec(path: str | Path, *, registry: Registry | None = None) -> SpecBase:
-    """Load and validate a spec file (YAML, or JSON by the ``.json`` suffix)."""
+def load_spec(path: str | Path, *, registry: Registry | None = None, trust_code: bool = False) -> SpecBase:
+    """Load and validate a spec file (YAML, or JSON by the ``.json`` suffix).
+
+    ``trust_code=True`` consents to import and call its ``model.python``, which is then looked
+    up in the spec file's folder first (:mod:`pefc.trust`).
+    """
     data, document = read_spec_data(path)
-    return parse_spec(data, source=str(path), document=document, registry=registry)
+    spec = parse_spec(data, source=str(path), document=document, registry=registry, trust_code=trust_code)
+    if spec.model is not None:
+        spec.model._origin.folder = str(Path(path).resolve().parent)
+    return spec
 
 
 def spec_schema(registry: Registry | None = None) -> dict[str, Any]:

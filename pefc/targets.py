@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from pefc.config import AdapterConfig
 from pefc.errors import TargetError
-from pefc.sites import ROLES, Site
+from pefc.sites import Site
 
 
 def selector_matches(selector: str, site: Site) -> bool:
@@ -57,9 +57,9 @@ def _nearest(selector: str, sites: Sequence[Site], kinds: Sequence[str]) -> str:
             what = " or ".join(kinds)
             return (f"the model has no {what} sites" if not have else
                     f"its {what} sites have no role; target them by path: {', '.join(have[:5])}")
-        close = difflib.get_close_matches(selector[1:], present or list(ROLES), n=3, cutoff=0.3)
-        roles = ", ".join("@" + r for r in (close or present)) or "none"
-        return f"roles found in this model: {roles}"
+        close = difflib.get_close_matches(selector[1:], present, n=1, cutoff=0.6)
+        guess = f" (did you mean @{close[0]}?)" if close else ""
+        return f"roles found in this model: {', '.join('@' + r for r in present)}{guess}"
     candidates = [s.path for s in sites if s.kind in kinds]
     tail = selector.strip("*.")
     close = difflib.get_close_matches(selector, candidates, n=5, cutoff=0.3)

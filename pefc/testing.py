@@ -122,10 +122,11 @@ class ConformanceReport:
 
 def check_method(method: str, config: dict[str, Any] | None = None, *, spec: dict[str, Any] | None = None,
                  checks: Iterable[str] = CHECKS, workdir: str | Path | None = None,
-                 atol: float = 1e-5) -> ConformanceReport:
+                 atol: float = 1e-5, trust_code: bool = False) -> ConformanceReport:
     """Run the conformance checks on ``method`` with adapter keys ``config``.
 
-    ``spec`` (a spec dict without ``adapters``) replaces the default tiny model.
+    ``spec`` (a spec dict without ``adapters``) replaces the default tiny model; ``trust_code=True``
+    consents to build its ``model.python`` (the default model, pefc's own, needs no consent).
     """
     import pefc
 
@@ -133,7 +134,7 @@ def check_method(method: str, config: dict[str, Any] | None = None, *, spec: dic
     data = {"version": 1, **(copy.deepcopy(spec) if spec else tiny_model_spec()), "adapters": [adapter]}
     report = ConformanceReport(method)
     with tempfile.TemporaryDirectory() as tmp:
-        context = _Context(pefc, data, Path(workdir) if workdir else Path(tmp), atol)
+        context = _Context(pefc, data, Path(workdir) if workdir else Path(tmp), atol, trust_code or spec is None)
         for name in checks:
             report.results.append(context.run(name))
     return report
@@ -142,12 +143,12 @@ def check_method(method: str, config: dict[str, Any] | None = None, *, spec: dic
 class _Context:
     """State shared by the checks: the parsed spec, a compiled model and reference inputs."""
 
-    def __init__(self, pefc: Any, data: dict[str, Any], workdir: Path, atol: float) -> None:
+    def __init__(self, pefc: Any, data: dict[str, Any], workdir: Path, atol: float, trust_code: bool) -> None:
         self.pefc = pefc
         self.data = data
         self.workdir = workdir
         self.atol = atol
-        self.spec = pefc.parse_spec(data, source="conformance spec")
+        self.spec = pefc.parse_spec(data, source="conformance spec", trust_code=trust_code)
         self.method = pefc.registry.default_registry().method(self.spec.adapters[0].method)
         self.name = self.spec.adapters[0].name
 

@@ -14,10 +14,13 @@ from torch import nn
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PEFC_CAPTURE_CACHE", "16")  # reuse captures of identical spec models (tests/test_capture_cache.py)
+os.environ.setdefault("PEFC_CAPTURE_CACHE", "64")  # reuse captures of identical spec models (tests/test_capture_cache.py)
 warnings.filterwarnings("ignore")
 
 import pefc  # noqa: E402  (after PEFC_CAPTURE_CACHE is set: pefc reads it on import)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker per core: no thread oversubscription
+    torch.set_num_threads(1)
 
 INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
           "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}

@@ -1,6 +1,7 @@
 """SIGKILL a writer mid-write: the output holds the previous files or none, never a partial one.
 
-Each test runs a child process that writes the same output over and over, with every write
+Each test runs a child process (forked from one warmed-up server process per module) that
+writes the same output over and over, with every write
 slowed down in the middle (half the bytes, a pause, the rest) so that a kill can land inside
 it. The child prints ``mid`` inside a write and ``done`` after one; the test kills it either
 inside a write or at a random moment, then checks what a user would find.
@@ -61,27 +62,101 @@ pefc.checkpoint.save_file = slow_save_file
 """
 
 
+# A warmed-up process (torch, pefc, onnx imported; the test model captured once) that forks one writer
+# per round: each round then costs a fork, not a Python start-up and a capture. The writer's stdout is a
+# FIFO the test reads; SIGCHLD is ignored there, so killed writers are reaped by the kernel.
+FORK_SERVER = PRELUDE + f"""
+import json, os, signal
+import onnx, pefc.cli, pefc.export
+torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children stay safe
+pefc.compile(parse_spec(make_spec([{LORA!r}])))  # fills the capture cache the writers hit
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+say("serving")
+for request in map(json.loads, sys.stdin):
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
+        os.dup2(os.open(request["fifo"], os.O_WRONLY), 1)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        try:
+            exec(compile(request["code"], "<writer>", "exec"), dict(globals()))
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    say(pid)
+"""
+
+
+class ForkServer:
+    """Starts :data:`FORK_SERVER` once; :meth:`spawn` forks a writer running ``code``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.log = workdir / "server.log"
+        self.proc = subprocess.Popen([sys.executable, "-c", FORK_SERVER], cwd=TESTS.parent, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log.open("ab"))
+        assert self.proc.stdout.readline().strip() == "serving", self.log.read_text()[-3000:]
+        self.count = 0
+
+    def spawn(self, code: str, log: Path) -> tuple[int, Path]:
+        self.count += 1
+        fifo = self.workdir / f"writer{self.count}.out"
+        os.mkfifo(fifo)
+        self.proc.stdin.write(json.dumps({"code": textwrap.dedent(code), "fifo": str(fifo), "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline()), fifo
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def fork_server(tmp_path_factory):
+    server = ForkServer(tmp_path_factory.mktemp("fork_server"))
+    yield server
+    server.close()
+
+
 class Writer:
     """A child process that writes an output again and again; the test kills it."""
 
-    def __init__(self, code: str, workdir: Path) -> None:
+    def __init__(self, server: ForkServer, code: str, workdir: Path) -> None:
         self.log = workdir / "child.log"
-        self.proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], cwd=TESTS.parent,
-                                     stdout=subprocess.PIPE, stderr=self.log.open("ab"), text=True)
+        self.pid, fifo = server.spawn(code, self.log)
+        self.stdout = fifo.open()
         self.deadline = time.monotonic() + 120
 
     def wait_for(self, word: str, count: int = 1) -> None:
         while count:
-            line = self.proc.stdout.readline()
+            line = self.stdout.readline()
             assert line, f"the writer exited early:\n{self.log.read_text()[-3000:]}"
             assert time.monotonic() < self.deadline, "the writer is too slow"
             count -= line.strip() == word
 
     def kill(self, delay: float = 0.0) -> None:
         time.sleep(delay)
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-        self.proc.stdout.close()
+        os.kill(self.pid, signal.SIGKILL)
+        self.finish()
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def finish(self) -> list[str]:
+        """The writer's remaining output, once it has exited (its end of the FIFO closes when it dies)."""
+        rest = self.stdout.read().split()
+        self.stdout.close()
+        while self.alive():
+            assert time.monotonic() < self.deadline, f"writer {self.pid} did not exit"
+            time.sleep(0.01)
+        return rest
 
 
 def visible(directory: Path) -> list[str]:
@@ -114,7 +189,7 @@ def assert_checkpoint_whole(directory: Path, *, versioned: bool = True) -> int |
 ROUNDS = [("mid", 1), ("random", 0), ("mid", 3)]
 
 
-def test_killed_save_adapters_leaves_previous_checkpoint_or_none(tmp_path):
+def test_killed_save_adapters_leaves_previous_checkpoint_or_none(tmp_path, fork_server):
     out = tmp_path / "ckpt"
     code = SLOW_SAFETENSORS + f"""
 model = pefc.compile(parse_spec(make_spec([{LORA!r}])))
@@ -131,7 +206,7 @@ while True:
     rng = random.Random(1)
     versions, temporaries = [], []
     for how, count in ROUNDS:
-        writer = Writer(code, tmp_path)
+        writer = Writer(fork_server, code, tmp_path)
         writer.wait_for("ready")
         if how == "mid":
             writer.wait_for("mid", count)
@@ -150,7 +225,7 @@ def _next_save_removes_stale_temporaries(out: Path) -> None:
     assert hidden(out) == [] and visible(out) == [ADAPTERS_FILE, SPEC_FILE]
 
 
-def test_killed_cli_compile_leaves_previous_checkpoint_or_none(tmp_path):
+def test_killed_cli_compile_leaves_previous_checkpoint_or_none(tmp_path, fork_server):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(make_spec([LORA])))
     out = tmp_path / "out"
@@ -163,7 +238,7 @@ while True:
 """
     rng = random.Random(2)
     for how, count in ROUNDS:
-        writer = Writer(code, tmp_path)
+        writer = Writer(fork_server, code, tmp_path)
         writer.wait_for("ready")
         if how == "mid":
             writer.wait_for("mid", count)
@@ -177,7 +252,7 @@ while True:
     _next_save_removes_stale_temporaries(out)
 
 
-def test_killed_export_leaves_previous_model_or_none(tmp_path):
+def test_killed_export_leaves_previous_model_or_none(tmp_path, fork_server):
     out = tmp_path / "onnx" / "model.onnx"
     code = f"""
 from pefc.export import export_onnx
@@ -197,7 +272,7 @@ while True:
     rng = random.Random(3)
     temporaries = []
     for how, count in [("random", 0), ("mid", 1)]:  # the second finds the first's model.onnx in place
-        writer = Writer(code, tmp_path)
+        writer = Writer(fork_server, code, tmp_path)
         writer.wait_for("ready")
         if how == "random":
             writer.wait_for("done")
@@ -243,7 +318,7 @@ def test_stale_temporaries_of_live_writers_are_kept(tmp_path):
         sleeper.wait()
 
 
-def test_concurrent_reader_never_sees_a_partial_checkpoint(tmp_path):
+def test_concurrent_reader_never_sees_a_partial_checkpoint(tmp_path, fork_server):
     """While a child saves over and over, every read in this process finds a whole checkpoint."""
     out = tmp_path / "ckpt"
     code = SLOW_SAFETENSORS.replace("0.05", "0.002") + f"""
@@ -256,14 +331,14 @@ for version in range(1, 41):
     model.save_adapters({str(out)!r})
 say("finished")
 """
-    writer = Writer(code, tmp_path)
+    writer = Writer(fork_server, code, tmp_path)
     writer.wait_for("ready")
     seen = set()
-    while writer.proc.poll() is None:
+    while writer.alive():
         version = assert_checkpoint_whole(out)
         if version is not None:
             seen.add(version)
-    assert writer.proc.wait(timeout=60) == 0
+    assert writer.finish()[-1:] == ["finished"], writer.log.read_text()[-3000:]
     assert assert_checkpoint_whole(out) == 40 and len(seen) > 3
     assert torch.equal(read_checkpoint(out)[0]["qv.model.layers.0.self_attn.q_proj.lora_B"],
                        torch.full((32, 2), 40.0))

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
+from pefc.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.mark.parametrize("spec", ["specs/llama-lora.yaml"])
-def test_bench_json_has_every_field(spec):
-    result = subprocess.run([sys.executable, "-m", "pefc.cli", "bench", spec, "--json", "--repeats", "2",
-                             "--warmup", "1", "--dims", "batch=2", "seq=16"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+def test_bench_json_has_every_field(spec, capsys):
+    code = main(["bench", str(ROOT / spec), "--json", "--repeats", "2", "--warmup", "1", "--dims", "batch=2", "seq=16"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
     assert data["dims"] == {"batch": 2, "seq": 16}
     assert set(data["forward"]) == {"base", "adapted", "merged"}
     assert {"pefc", "peft"} <= set(data["train_step"])
@@ -27,8 +29,6 @@ def test_bench_json_has_every_field(spec):
     assert data["peft"]["method"] == "lora"
 
 
-def test_bench_rejects_bad_dims():
-    result = subprocess.run([sys.executable, "-m", "pefc.cli", "bench", "specs/llama-lora.yaml", "--dims", "seq=x"],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert "NAME=SIZE" in result.stderr
+def test_bench_rejects_bad_dims(capsys):
+    assert main(["bench", str(ROOT / "specs/llama-lora.yaml"), "--dims", "seq=x"]) == 2
+    assert "NAME=SIZE" in capsys.readouterr().err

@@ -9,12 +9,25 @@ from pathlib import Path
 
 import pytest
 
+from pefc.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pefc(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The real entry point, in a fresh process (the verbs that answer without importing torch)."""
     return subprocess.run([sys.executable, "-m", "pefc.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def pefc_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+              *args: str) -> subprocess.CompletedProcess:
+    """``pefc ARGS`` in this process (``main`` is the entry point's body): the verbs that build models."""
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["pefc", *args], code, captured.out, captured.err)
 
 
 def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
@@ -52,8 +65,8 @@ def test_plugins_lists_distribution():
     assert lora["distribution"] == "pefc" and lora["module"] == "pefc_plugins.lora"
 
 
-def test_inspect_json_contract():
-    result = pefc("inspect", "specs/llama-lora.yaml", "--json")
+def test_inspect_json_contract(capsys, monkeypatch):
+    result = pefc_here(capsys, monkeypatch, "inspect", "specs/llama-lora.yaml", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert {"base_params", "trainable_params", "adapters"} <= set(data)
@@ -63,17 +76,17 @@ def test_inspect_json_contract():
     assert data["trainable_params"] == sum(s["params"] for s in adapter["sites"])
 
 
-def test_inspect_meta_prints_the_table_and_how_it_planned():
-    result = pefc("inspect", "specs/llama2-7b-lora.yaml", "--meta")
+def test_inspect_meta_prints_the_table_and_how_it_planned(capsys, monkeypatch):
+    result = pefc_here(capsys, monkeypatch, "inspect", "specs/llama2-7b-lora.yaml", "--meta")
     assert result.returncode == 0, result.stderr
     assert "trainable params: 4,194,304 (0.0622% of base)" in result.stdout
     assert "model.layers.31.self_attn.v_proj" in result.stdout
     assert "captured the first layers of model.layers (32 layers) and replicated their sites" in result.stdout
 
 
-def test_compile_writes_checkpoint(tmp_path):
+def test_compile_writes_checkpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    result = pefc("compile", "specs/llama-lora.yaml", "-o", str(out))
+    result = pefc_here(capsys, monkeypatch, "compile", "specs/llama-lora.yaml", "-o", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["adapters.safetensors", "spec.json"]
 
@@ -82,11 +95,11 @@ def test_compile_writes_checkpoint(tmp_path):
     ('["@attn.qq"]', "target '@attn.qq' matches no site; roles found in this model"),
     ('["*.q_prj"]', "matches no site; nearest sites: model.layers.1.self_attn.q_proj"),
 ])
-def test_empty_target_match_exits_2_and_writes_nothing(tmp_path, target, message):
+def test_empty_target_match_exits_2_and_writes_nothing(tmp_path, capsys, monkeypatch, target, message):
     spec = (ROOT / "specs/llama-lora.yaml").read_text().replace('["@attn.q", "@attn.v"]', target)
     path = write(tmp_path, spec)
     out = tmp_path / "out"
-    result = pefc("compile", str(path), "-o", str(out))
+    result = pefc_here(capsys, monkeypatch, "compile", str(path), "-o", str(out))
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

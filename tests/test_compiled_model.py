@@ -151,7 +151,7 @@ def test_python_factory_model_source():
                        "inputs": {"input_ids": {"shape": ["batch", "seq"], "high": 100},
                                   "attention_mask": {"shape": ["batch", "seq"], "low": 1, "high": 2}},
                        "adapters": [{"name": "a", "method": "lora", "target": ["@attn.v"], "init": "gaussian"}]})
-    model = pefc.compile(spec)
+    model = pefc.compile(spec, trust_code=True)
     assert [s.path for s in model.parameter_report().adapters[0].sites] == ["layers.0.v_proj"]
 
 
@@ -159,7 +159,7 @@ def test_bad_python_factory_is_a_model_source_error():
     spec = parse_spec({"version": 1, "model": {"python": "pefc.testing:NoSuchFactory"},
                        "inputs": {"x": {"shape": ["batch", 4], "dtype": "float32"}}})
     with pytest.raises(pefc.ModelSourceError, match="cannot import 'pefc.testing:NoSuchFactory'"):
-        pefc.compile(spec)
+        pefc.compile(spec, trust_code=True)
 
 
 class DataDependent(torch.nn.Module):

@@ -16,12 +16,17 @@ BUILTINS = {
 }
 
 
+# tests/test_export_onnx.py exports every built-in method (merged and unmerged) with onnxruntime
+# verification; the kit's own `onnx` check runs on the third-party example (examples/plugins/pefc-vera).
+CHECKS_HERE = [check for check in CHECKS if check != "onnx"]
+
+
 @pytest.mark.parametrize("method", sorted(BUILTINS))
 def test_builtin_method_conforms(method, tmp_path):
-    report = check_method(method, BUILTINS[method], workdir=tmp_path)
+    report = check_method(method, BUILTINS[method], checks=CHECKS_HERE, workdir=tmp_path)
     print(report)
     report.assert_ok()
-    assert [r.name for r in report.results] == list(CHECKS)
+    assert [r.name for r in report.results] == CHECKS_HERE
 
 
 def test_the_kit_catches_a_wrong_formula(tmp_path, monkeypatch):

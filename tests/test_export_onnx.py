@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +15,7 @@ from pefc.export import export_lora_adapter, export_onnx, verification_sizes
 from pefc.source import example_inputs
 from pefc.spec import parse_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 LORA = {"name": "qv", "method": "lora", "target": ["@attn.q", "@attn.v"], "r": 4, "alpha": 8}
 
 
@@ -93,13 +93,15 @@ def test_failed_export_leaves_no_file(lora_model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_verify_failure_exits_1(tmp_path):
+def test_cli_verify_failure_exits_1(tmp_path, capsys):
+    from pefc.cli import main
+
     out = tmp_path / "model.onnx"
-    result = subprocess.run([sys.executable, "-m", "pefc.cli", "export", "specs/llama-lora.yaml", "-o", str(out),
-                             "--verify", "--no-merge", "--atol", "0"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1, result.stderr
-    assert "differs from the PyTorch model" in result.stderr
-    assert "Traceback" not in result.stderr
+    code = main(["export", str(ROOT / "specs/llama-lora.yaml"), "-o", str(out), "--verify", "--no-merge", "--atol", "0"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "differs from the PyTorch model" in err
+    assert "Traceback" not in err
 
 
 MERGEABLE = {

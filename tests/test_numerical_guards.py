@@ -54,8 +54,8 @@ def test_check_finite_names_the_first_bad_tensor():
 
 
 def _dora_sites(dtype: str, scale: float = 1.0) -> list[tuple[torch.nn.Module, torch.Tensor]]:
-    model = pefc.compile(parse_spec(make_spec([{"name": "d", "method": "dora", "target": ["@attn.q"], "r": 4}],
-                                              dtype=dtype)))
+    spec = make_spec([{"name": "d", "method": "dora", "target": ["@attn.q"], "r": 4}], dtype=dtype)
+    model = pefc.compile(parse_spec({**spec, "adapter_dtype": dtype}))  # adapters in the base's half precision
     randomize_adapters(model, scale=0.05)
     sites = []
     for ins in model.pefc.insertions:

@@ -139,7 +139,8 @@ def _python_spec(**kwargs: Any) -> pefc.Spec:
     return parse_spec({"version": 1, "model": {"python": "test_planning:Stack", "kwargs": kwargs},
                        "inputs": {"x": {"shape": ["batch", 8], "dtype": "float32"}},
                        "adapters": [{"name": "l", "method": "lora", "r": 2,
-                                     "target": ["inp", "*.mix", *(["*.last"] if kwargs.get("last_differs") else [])]}]})
+                                     "target": ["inp", "*.mix", *(["*.last"] if kwargs.get("last_differs") else [])]}]},
+                      trust_code=True)  # the factory is this test module's
 
 
 def test_a_plain_torch_stack_is_replicated():

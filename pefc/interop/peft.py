@@ -40,7 +40,7 @@ __all__ = ["PEFT_METHODS", "load", "local_base_model", "peft_config", "save", "t
 
 def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str | None = None,
          model_spec: ModelSpec | dict[str, Any] | None = None, inputs: dict[str, Any] | None = None,
-         example_inputs: dict[str, torch.Tensor] | None = None) -> CompiledModel:
+         example_inputs: dict[str, torch.Tensor] | None = None, trust_code: bool = False) -> CompiledModel:
     """Compile ``base_model`` with the adapter of the PEFT checkpoint in ``peft_dir`` and load its tensors.
 
     The returned model (in eval mode, as ``PeftModel.from_pretrained``) computes what the
@@ -49,14 +49,15 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     local directory with a ``config.json``; ``model_spec`` is also written into the spec.
     ``name`` names the pefc adapter (default: the method). Transformers models get the
     inputs ``input_ids`` and ``attention_mask`` ``[batch, seq]``; other modules need
-    ``inputs`` (the spec's ``inputs``) and ``example_inputs``.
+    ``inputs`` (the spec's ``inputs``) and ``example_inputs``. ``trust_code=True`` consents to
+    import and call a ``model_spec``'s ``python`` factory (:mod:`pefc.trust`).
     """
     from pefc.compiler import compile
 
     checkpoint = read_peft_dir(peft_dir)
     check_supported(checkpoint)
     method = method_of(checkpoint)
-    base_model, model_spec = _base(checkpoint, base_model, model_spec)
+    base_model, model_spec = _base(checkpoint, base_model, model_spec, trust_code)
     checkpoint, head_tensors, heads = saved_modules(checkpoint, base_model)
     name = name or method
     if method == "prefix":
@@ -112,7 +113,7 @@ def local_base_model(checkpoint: PeftCheckpoint | str | Path) -> ModelSpec:
 
 
 def _base(checkpoint: PeftCheckpoint, base: nn.Module | None,
-          model_spec: ModelSpec | dict[str, Any] | None) -> tuple[nn.Module, ModelSpec | None]:
+          model_spec: ModelSpec | dict[str, Any] | None, trust_code: bool = False) -> tuple[nn.Module, ModelSpec | None]:
     """The base model (given, or built from ``model_spec`` or the checkpoint's local base) and its spec."""
     from pefc.source import build_model
 
@@ -126,7 +127,7 @@ def _base(checkpoint: PeftCheckpoint, base: nn.Module | None,
                             issues=[f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]) from None
     if base is None:
         assert model_spec is not None
-        base = build_model(model_spec)
+        base = build_model(model_spec, trust_code=trust_code)
     return base, model_spec
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator
-from torch import nn
 
 import pefc
 
@@ -30,35 +28,6 @@ class IA3Config(pefc.AdapterConfig):
         return any(pefc.selector_matches(selector, site) for selector in self.feedforward)
 
 
-class IA3Output(pefc.SiteModule):
-    """``y * l`` (the bias is scaled too, as in HF PEFT); ``l: [out]``, ones at init."""
-
-    def __init__(self, out_features: int) -> None:
-        super().__init__()
-        self.ia3_l = nn.Parameter(torch.ones(out_features))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y * self.ia3_l.to(y.dtype)
-
-    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        scale = self.ia3_l.to(weight.dtype)
-        return weight * scale[:, None], bias * scale if bias is not None else None
-
-
-class IA3Input(pefc.SiteModule):
-    """``x * l`` fed to the linear; ``l: [in]``, ones at init."""
-
-    def __init__(self, in_features: int) -> None:
-        super().__init__()
-        self.ia3_l = nn.Parameter(torch.ones(in_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.ia3_l.to(x.dtype)
-
-    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return weight * self.ia3_l.to(weight.dtype)[None, :], bias
-
-
 class IA3(pefc.Method):
     name = "ia3"
     config = IA3Config
@@ -67,6 +36,8 @@ class IA3(pefc.Method):
     description = "Learned rescaling of attention k/v outputs and FFN inputs (Liu et al. 2022, (IA)^3)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: IA3Config, sites: Sequence[pefc.Site]) -> None:
+        from pefc_plugins.ia3.modules import IA3Input, IA3Output
+
         for site in sites:
             assert isinstance(site, pefc.LinearSite)
             if config.is_feedforward(site):
@@ -82,3 +53,4 @@ class IA3(pefc.Method):
 @pefc.hookimpl
 def pefc_methods() -> list[pefc.Method]:
     return [IA3()]
+

@@ -10,20 +10,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from torch import nn
 
 import pefc
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU,
-                                           "tanh": nn.Tanh}
 PRESETS: dict[str, dict[str, Any]] = {
     "houlsby": {"target": ["@attn.o", "@mlp.down"], "activation": "swish", "reduction_factor": 16},
     "pfeiffer": {"target": ["@mlp.down"], "activation": "relu", "reduction_factor": 16},
     "parallel": {"placement": "parallel", "reduction_factor": 2, "scaling": 4.0},
 }
+
+
 DEFAULT_SIZE = 64
+
+
 WHAT = {"size": "the bottleneck width m", "reduction_factor": "m = d // reduction_factor"}
 
 
@@ -70,24 +70,6 @@ class BottleneckConfig(pefc.AdapterConfig):
         return self.size if self.size is not None else DEFAULT_SIZE
 
 
-class Bottleneck(pefc.SiteModule):
-    """``y + s * up(f(down(h)))`` with ``h = y`` (sequential) or ``h = x`` (parallel)."""
-
-    def __init__(self, d_in: int, size: int, d_out: int, config: BottleneckConfig) -> None:
-        super().__init__()
-        self.down = nn.Linear(d_in, size)  # kaiming-uniform, as nn.Linear
-        self.act = ACTIVATIONS[config.activation]()
-        self.up = nn.Linear(size, d_out)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-        self.parallel = config.placement == "parallel"
-        self.scaling = config.scaling
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = (x if self.parallel else y).to(self.down.weight.dtype)
-        return y + (self.up(self.act(self.down(h))) * self.scaling).to(y.dtype)
-
-
 class Adapter(pefc.Method):
     name = "adapter"
     config = BottleneckConfig
@@ -96,6 +78,8 @@ class Adapter(pefc.Method):
     description = "Bottleneck adapter after (sequential) or beside (parallel) a sublayer (Houlsby 2019, He 2022)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: BottleneckConfig, sites: Sequence[pefc.Site]) -> None:
+        from pefc_plugins.adapter.modules import Bottleneck
+
         for site in sites:
             assert isinstance(site, pefc.LinearSite)
             ctx.wrap_output(site, Bottleneck(self._d_in(config, site), config.bottleneck(site),
@@ -122,3 +106,4 @@ class Adapter(pefc.Method):
 @pefc.hookimpl
 def pefc_methods() -> list[pefc.Method]:
     return [Adapter()]
+

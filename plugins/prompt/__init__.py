@@ -28,9 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from pydantic import Field, PositiveInt
-from torch import nn
 
 import pefc
 
@@ -43,18 +41,6 @@ class PromptConfig(pefc.AdapterConfig):
     init: Literal["random", "vocab"] = Field(
         default="random", description="N(0, 1), or copies of embedding rows at random token ids")
     seed: int | None = Field(default=None, ge=0, description="seed of the `vocab` token ids (default: torch's RNG)")
-
-
-class PromptEmbedding(nn.Module):
-    """``[prompt; embeds]`` along the sequence (dim -2); ``prompt_embeddings: [P, d_model]``."""
-
-    def __init__(self, length: int, dim: int) -> None:
-        super().__init__()
-        self.prompt_embeddings = nn.Parameter(torch.randn(length, dim))
-
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        prompt = self.prompt_embeddings.to(embeds.dtype).expand(*embeds.shape[:-2], *self.prompt_embeddings.shape)
-        return torch.cat([prompt, embeds], dim=-2)
 
 
 class Prompt(pefc.Method):
@@ -72,15 +58,13 @@ class Prompt(pefc.Method):
                                    f"its targets match {len(sites)}: {paths}")
 
     def rewrite(self, ctx: pefc.RewriteContext, config: PromptConfig, sites: Sequence[pefc.Site]) -> None:
+        from pefc_plugins.prompt.modules import PromptEmbedding
+
         site = sites[0]
         assert isinstance(site, pefc.EmbeddingSite)
         module = PromptEmbedding(config.num_virtual_tokens, site.embedding_dim)
         if config.init == "vocab":
-            generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-            ids = torch.randint(0, site.num_embeddings, (config.num_virtual_tokens,), generator=generator)
-            table = ctx.param(site.weight_name).detach()
-            with torch.no_grad():
-                module.prompt_embeddings.copy_(table[ids.to(table.device)].to(module.prompt_embeddings.dtype))
+            module.copy_rows(ctx.param(site.weight_name), config.seed)
         ctx.prepend_sequence(site, module, config.num_virtual_tokens)
 
     def report_extras(self, config: PromptConfig, sites: Sequence[pefc.Site]) -> dict[str, int]:
@@ -94,3 +78,4 @@ class Prompt(pefc.Method):
 @pefc.hookimpl
 def pefc_methods() -> list[pefc.Method]:
     return [Prompt()]
+

@@ -11,9 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
-from torch import nn
 
 import pefc
 
@@ -54,48 +52,6 @@ def _first_match(pattern: dict[str, float], site: pefc.Site, default: float) -> 
     return next((value for selector, value in pattern.items() if pefc.selector_matches(selector, site)), default)
 
 
-class LoraUpdate(pefc.SiteModule):
-    """``y + s * B A dropout(x)``; ``A: [r, in]``, ``B: [out, r]``."""
-
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig) -> None:
-        super().__init__()
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.scaling = config.scaling()
-        if config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / config.r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * B A x`` (no dropout), in the adapter's dtype."""
-        return self._scaled_down(x) @ self.lora_B.t()
-
-    def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + s * B A x``. ``s`` scales the rank-``r`` activation, and where the dtypes agree the
-        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output.
-        Exported graphs keep product and sum apart (runtimes fuse them; onnxruntime's Gemm refuses
-        the rank-0 LoRA inputs of ``export_onnx(lora_inputs=True)``)."""
-        h = self._scaled_down(x)
-        if h.dtype != y.dtype or torch.compiler.is_exporting():
-            return y + (h @ self.lora_B.t()).to(y.dtype)
-        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
-        return flat.view(y.shape)
-
-    def _scaled_down(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.add_low_rank(y, self.dropout(x))
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return weight + self.delta_weight().to(weight.dtype), bias
-
-
 class Lora(pefc.Method):
     name = "lora"
     config = LoraConfig
@@ -104,6 +60,8 @@ class Lora(pefc.Method):
     description = "Low-rank update of linear weights (Hu et al. 2021)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: LoraConfig, sites: Sequence[pefc.Site]) -> None:
+        from pefc_plugins.lora.modules import LoraUpdate
+
         for site in sites:
             assert isinstance(site, pefc.LinearSite)
             ctx.wrap_output(site, LoraUpdate(site.in_features, site.out_features, config.for_site(site)))
@@ -116,3 +74,4 @@ class Lora(pefc.Method):
 @pefc.hookimpl
 def pefc_methods() -> list[pefc.Method]:
     return [Lora()]
+

@@ -1,0 +1,54 @@
+"""LoRA's module: the low-rank update placed at each linear site."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pefc_plugins.lora import LoraConfig
+from torch import nn
+
+import pefc
+
+
+class LoraUpdate(pefc.SiteModule):
+    """``y + s * B A dropout(x)``; ``A: [r, in]``, ``B: [out, r]``."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.scaling = config.scaling()
+        if config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """``s * B A x`` (no dropout), in the adapter's dtype."""
+        return self._scaled_down(x) @ self.lora_B.t()
+
+    def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + s * B A x``. ``s`` scales the rank-``r`` activation, and where the dtypes agree the
+        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output.
+        Exported graphs keep product and sum apart (runtimes fuse them; onnxruntime's Gemm refuses
+        the rank-0 LoRA inputs of ``export_onnx(lora_inputs=True)``)."""
+        h = self._scaled_down(x)
+        if h.dtype != y.dtype or torch.compiler.is_exporting():
+            return y + (h @ self.lora_B.t()).to(y.dtype)
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return flat.view(y.shape)
+
+    def _scaled_down(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.add_low_rank(y, self.dropout(x))
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight + self.delta_weight().to(weight.dtype), bias
+
