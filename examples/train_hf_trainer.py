@@ -2,7 +2,8 @@
 
     python examples/train_hf_trainer.py specs/llama-lora.yaml --out out/trainer
 
-The spec's ``inputs`` gain ``labels`` (so the captured graph computes the model's own loss);
+The spec's ``inputs`` gain an optional ``labels`` (so the model computes its own loss when given
+them, and runs without them for evaluation or generation);
 ``pefc.trainer.AdapterTrainer`` is ``Trainer`` with checkpoints that hold
 ``adapters.safetensors`` + ``spec.json`` (no base weights). Everything else is plain Trainer:
 ``TrainingArguments(activation_checkpointing=True)``, ``bf16=True``, torchrun for DDP.
@@ -38,10 +39,10 @@ class CopyTask(torch.utils.data.Dataset):
 
 
 def with_labels(spec: pefc.Spec) -> pefc.Spec:
-    """The spec with a ``labels`` input shaped like ``input_ids`` (the captured model then returns its loss)."""
+    """The spec with an optional ``labels`` input shaped like ``input_ids`` (``.loss`` when given)."""
     if "labels" in spec.inputs:
         return spec
-    labels = spec.inputs["input_ids"].model_copy(update={"low": 0})
+    labels = spec.inputs["input_ids"].model_copy(update={"low": 0, "optional": True})
     return spec.model_copy(update={"inputs": {**spec.inputs, "labels": labels}})
 
 

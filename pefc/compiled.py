@@ -9,6 +9,7 @@ original names and are frozen; adapter parameters are named
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ class CompileState:
     #: the base model: ``class`` and, for transformers models, ``name_or_path``, ``vocab_size`` and
     #: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (used by generate and HF PEFT interop)
     base_info: dict[str, Any] = field(default_factory=dict)
+    #: base parameters trained in full (the spec's ``modules_to_save``): name -> module path
+    saved_params: dict[str, str] = field(default_factory=dict)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -65,9 +68,28 @@ class CompiledModel(fx.GraphModule):
     def attach_state(self, state: CompileState) -> None:
         self.pefc = state
         self.meta.setdefault(_PRESERVED, {})["pefc"] = state
+        _sign_forward(self)
+
+    def attach_loss_head(self, head: nn.Module) -> None:
+        """Run ``head`` (:class:`pefc.call.LossHead`) on the outputs when the caller gives the loss inputs."""
+        from pefc.call import LOSS_HEAD
+
+        setattr(self, LOSS_HEAD, head)
+        self.meta.setdefault(_PRESERVED, {})[LOSS_HEAD] = head  # kept by deepcopy, which rebuilds the module
+        _sign_forward(self)
 
     def __str__(self) -> str:
         return self.__repr__()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call as the original: omitted optional inputs get their defaults, loss inputs give ``.loss``."""
+        from pefc.call import LOSS_HEAD, bind
+
+        if not hasattr(self, "pefc"):
+            return super().__call__(*args, **kwargs)
+        inputs, labels = bind(self, args, kwargs)
+        out = super().__call__(**inputs)
+        return getattr(self, LOSS_HEAD)(out, inputs, labels) if labels else out
 
     def __repr__(self) -> str:
         report = self.parameter_report()
@@ -82,6 +104,7 @@ class CompiledModel(fx.GraphModule):
         after = _placement(self)
         if before is not None and after is not None and before != after:
             retarget_constants(self.graph, old=before, new=after)
+            _retarget_loss_head(self, old=before, new=after)
             if after[0].type != "cpu":
                 expand_grouped_kv(self.graph)  # see pefc.simplify: fused grouped-query attention is for CPU
             self.recompile()
@@ -95,6 +118,7 @@ class CompiledModel(fx.GraphModule):
         if not blocks:
             code = super().recompile()
             track_source(self)  # forget the generated source once this forward is replaced or dies
+            _sign_forward(self)
             return code
         partition = plan_partition(self._graph, list(blocks))
         flat = self._graph
@@ -105,6 +129,7 @@ class CompiledModel(fx.GraphModule):
             self._graph = flat
         bind_layer_blocks(self, blocks, partition)
         track_source(self)
+        _sign_forward(self)
         return code
 
     # -- per-layer regions: FSDP2 and activation checkpointing -------------------------------
@@ -160,7 +185,9 @@ class CompiledModel(fx.GraphModule):
         """A deep copy (weights, adapters, graph and compile state)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch pytree spec deprecation noise
-            return copy.deepcopy(self)
+            copied = copy.deepcopy(self)
+        _sign_forward(copied)  # deepcopy regenerates forward before the compile state is back
+        return copied
 
     # -- parameters ------------------------------------------------------------------------
 
@@ -178,6 +205,8 @@ class CompiledModel(fx.GraphModule):
         for name, module in self.adapter_modules():
             for key, value in module.state_dict().items():
                 state[f"{name}.{key}"] = value
+        for name in self.pefc.saved_params:  # modules_to_save, under their base names
+            state[name] = self.get_parameter(name).detach()
         return state
 
     def check_finite(self) -> None:
@@ -214,6 +243,10 @@ class CompiledModel(fx.GraphModule):
                 shared_params=total - sum(s.params for s in sites),
                 formula_params=self.pefc.formula_params.get(config.name),
                 extra=dict(self.pefc.extras.get("report", {}).get(config.name, {}))))
+        from pefc.trainable import report
+
+        saved = report(self, self.pefc.saved_params)
+        adapters += [saved] if saved is not None else []
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         floats = [p for p in self.parameters() if p.is_floating_point()]
         return ParameterReport(self.pefc.base_params, trainable, adapters,
@@ -232,8 +265,10 @@ class CompiledModel(fx.GraphModule):
         ``if rank == 0: cm.save_adapters(...)`` works too; other ranks return at once.
         """
         from pefc.distributed import barrier, full_tensors, is_main_process, is_sharded
+        from pefc.trainable import check_all_saved
 
         tensors = self.adapter_state_dict()
+        check_all_saved(self, tensors)
         sharded = any(is_sharded(t) for t in tensors.values())
         if sharded:
             tensors = full_tensors(tensors)
@@ -342,6 +377,26 @@ def retarget_constants(graph: fx.Graph, *, old: tuple[torch.device, torch.dtype]
     for node in graph.nodes:
         node.args = fx.node.map_aggregate(node.args, swap)
         node.kwargs = fx.node.map_aggregate(node.kwargs, swap)
+
+
+def _retarget_loss_head(model: nn.Module, *, old: tuple[torch.device, torch.dtype],
+                        new: tuple[torch.device, torch.dtype]) -> None:
+    from pefc.call import LOSS_HEAD
+
+    head = getattr(model, LOSS_HEAD, None)
+    if head is not None:
+        retarget_constants(head.loss.graph, old=old, new=new)
+        head.loss.recompile()
+
+
+def _sign_forward(model: nn.Module) -> None:
+    """Give the generated ``forward`` the call signature (optional inputs, labels) tools inspect."""
+    from pefc.call import signature_of
+
+    if hasattr(model, "pefc"):
+        signature = signature_of(model)
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        type(model).forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

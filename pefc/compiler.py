@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pefc import capture_cache, fxsource
+from pefc.call import loss_inputs, split_loss
 from pefc.capture import capture, module_device
 from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
@@ -22,6 +23,7 @@ from pefc.sites import Site, SiteMap, find_sites
 from pefc.source import build_model, example_inputs, torch_dtype
 from pefc.spec import SpecBase
 from pefc.targets import match_sites
+from pefc.trainable import saved_parameters
 from pefc.trust import require_consent
 
 
@@ -51,6 +53,8 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     model's sites (as found before any adapter was inserted). ``started``: when compiling began."""
     capture_seconds = time.perf_counter() - started
     base_params = sum(p.numel() for p in graph_module.parameters())
+    loss_head = split_loss(graph_module, loss_inputs(spec))  # labels: the loss runs apart, when given
+    saved = saved_parameters(graph_module, getattr(spec, "modules_to_save", []))
     base_node_count = len(graph_module.graph.nodes)
     sites = find_sites(graph_module)
     registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
@@ -65,9 +69,11 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     state = CompileState(spec=spec, insertions=insertions, base_params=base_params,
                          mergeable={name: m.mergeable for name, m in registry.methods.items()},
                          base_node_count=base_node_count, formula_params=formula,
-                         base_info=info, extras={"report": extras})
+                         base_info=info, extras={"report": extras}, saved_params=saved)
     compiled = CompiledModel.create(graph_module, state)
-    _freeze_base(compiled, spec.adapters)
+    if loss_head is not None:
+        compiled.attach_loss_head(loss_head)
+    _freeze_base(compiled, spec.adapters, saved)
     compiled.train(training)
     if getattr(spec, "gradient_checkpointing", False):
         compiled.gradient_checkpointing_enable()
@@ -183,7 +189,9 @@ def formula_params(method: Method, config: AdapterConfig, sites: Sequence[Site])
         return None
 
 
-def _freeze_base(model: CompiledModel, adapters: list[Any]) -> None:
+def _freeze_base(model: CompiledModel, adapters: list[Any], saved: dict[str, str]) -> None:
     names = {a.name for a in adapters}
     for name, param in model.named_parameters():
         param.requires_grad_(name.split(".", 1)[0] in names)
+    for name in saved:
+        model.get_parameter(name).requires_grad_(True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pefc.call import placeholders
 from pefc.compiled import CompiledModel
 from pefc.errors import ExportError, VerificationError
 from pefc.registry import default_registry
@@ -64,7 +65,7 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     if dtype is not None:
         prepared = prepared.to(torch_dtype(dtype))
     default_registry().hook.pefc_before_export(model=prepared, options={"merge": merge, "lora_inputs": lora_inputs})
-    inputs = example_inputs(model.pefc.spec, device=_device(model))
+    inputs = graph_inputs(model, example_inputs(model.pefc.spec, device=_device(model)))
     output_names = _output_names(prepared, inputs)
     program = _torch_export(prepared, inputs, _dynamic_shapes(model), output_names, optimize=not lora_inputs)
     lora_names = _lora_parameter_names(prepared) if lora_inputs else []
@@ -137,7 +138,13 @@ def _device(model: nn.Module) -> torch.device:
 def _dynamic_shapes(model: CompiledModel) -> dict[str, Any]:
     spec = model.pefc.spec
     return {name: {i: d for i, d in enumerate(entry.shape) if isinstance(d, str)} or None
-            for name, entry in spec.inputs.items()}
+            for name, entry in spec.inputs.items() if name in placeholders(model.graph)}
+
+
+def graph_inputs(model: CompiledModel, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs the graph takes: loss inputs (labels) are not exported, the loss is not an output."""
+    names = placeholders(model.graph)
+    return {name: value for name, value in inputs.items() if name in names}
 
 
 def _output_names(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
@@ -298,7 +305,7 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
         run_options.add_active_adapter(adapter)
     diffs: dict[str, float] = {}
     for seed, sizes in enumerate(verification_sizes(model), start=100):
-        inputs = example_inputs(model.pefc.spec, device=_device(model), seed=seed, sizes=sizes)
+        inputs = graph_inputs(model, example_inputs(model.pefc.spec, device=_device(model), seed=seed, sizes=sizes))
         with torch.no_grad():
             want = [t.float().cpu().numpy() for t in pytree.tree_leaves(reference(**inputs))]
         feeds = {k: v.cpu().numpy() for k, v in inputs.items() if k in feeds_names} | dict(extra_feeds or {})

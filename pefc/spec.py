@@ -73,6 +73,12 @@ class InputSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"] = "int64"
     low: int = 0
     high: int | None = Field(default=None, description="exclusive upper bound of random ints")
+    optional: bool = Field(default=False, description="callers may omit it, as the original model allows: it then "
+                                                      "gets `default`, or (a loss input such as labels) the loss "
+                                                      "is not computed")
+    default: Literal["ones", "zeros", "arange"] | None = Field(
+        default=None, description="what an omitted optional input becomes (default by name: *attention_mask ones, "
+                                  "token_type_ids zeros, position_ids arange)")
 
     @model_validator(mode="after")
     def _range(self) -> InputSpec:
@@ -100,6 +106,9 @@ class SpecBase(_Strict):
                                   "on a bfloat16 base is mixed-precision training")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute each decoder layer in backward instead of keeping its activations")
+    modules_to_save: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description='base modules trained in full and saved with the adapters, as HF PEFT\'s '
+                                          'modules_to_save: module-path globs ("classifier", "*.score")')
 
     @model_validator(mode="after")
     def _unique_adapter_names(self) -> SpecBase:

@@ -78,3 +78,17 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(run, tmp_path):
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
     for key, value in trainer.model.adapter_state_dict().items():
         torch.testing.assert_close(model.adapter_state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_labels_are_optional_and_evaluate_reports_the_models_loss(run):
+    trainer, _ = run
+    model = trainer.model
+    assert trainer.label_names == ["labels"]  # Trainer found them in the call signature
+    eval_set = torch.utils.data.Subset(trainer.train_dataset, range(4))
+    batch = {k: torch.stack([eval_set[i][k] for i in range(4)]) for k in eval_set[0]}
+    metrics = trainer.evaluate(eval_dataset=eval_set)
+    model.eval()
+    with torch.no_grad():
+        full, plain = model(**batch), model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert plain.loss is None and torch.equal(plain.logits, full.logits)
+    assert abs(metrics["eval_loss"] - float(full.loss)) < 1e-5

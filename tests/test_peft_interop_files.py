@@ -70,14 +70,7 @@ def test_prompt_for_another_width_names_the_shapes(tmp_path):
 # --- what pefc does not import ---------------------------------------------------------------------
 
 def test_unsupported_peft_checkpoints_are_refused(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    classifier = BertForSequenceClassification(BertConfig(**FAMILIES["bert"]["config"], num_labels=2))
-    peft.get_peft_model(classifier, peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"])) \
-        .save_pretrained(tmp_path / "seq_cls")
-    with pytest.raises(pefc.CheckpointError, match="modules_to_save.*has no pefc equivalent"):
-        interop.load(tmp_path / "seq_cls", classifier)
+    # (SEQ_CLS checkpoints with modules_to_save import: tests/test_trainable_heads.py)
     peft.get_peft_model(build_hf("llama"), peft.LoHaConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "loha")
     with pytest.raises(pefc.CheckpointError, match="peft_type 'LOHA' has no pefc equivalent"):
         interop.load(tmp_path / "loha", build_hf("llama"))

@@ -28,7 +28,7 @@ from pefc.interop.peft_files import (
     read_peft_dir,
     write_peft_dir,
 )
-from pefc.interop.peft_load import adapter_entry, exact_entry, method_of, pefc_tensors
+from pefc.interop.peft_load import adapter_entry, exact_entry, method_of, pefc_tensors, saved_modules
 from pefc.interop.peft_save import PEFT_METHODS, adapter_of, peft_adapter, task_type
 from pefc.spec import ModelSpec
 
@@ -58,15 +58,17 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     check_supported(checkpoint)
     method = method_of(checkpoint)
     base_model, model_spec = _base(checkpoint, base_model, model_spec, trust_code)
+    checkpoint, head_tensors, heads = saved_modules(checkpoint, base_model)
     name = name or method
     if method == "prefix":
         _warn_sliding_window(base_model)
     entry, modules = adapter_entry(checkpoint, base_model, name, method)
-    model = compile(_spec(entry, base_model, model_spec, inputs), model=base_model, example_inputs=example_inputs)
+    model = compile(_spec(entry, base_model, model_spec, inputs, heads), model=base_model,
+                    example_inputs=example_inputs)
     if modules and {i.site_path for i in model.pefc.insertions} != set(modules):  # selectors picked others
-        spec = _spec(exact_entry(entry, modules), base_model, model_spec, inputs)
+        spec = _spec(exact_entry(entry, modules), base_model, model_spec, inputs, heads)
         model = compile(spec, model=base_model, example_inputs=example_inputs)
-    _copy_in(model, pefc_tensors(checkpoint, model, name, method))
+    _copy_in(model, {**pefc_tensors(checkpoint, model, name, method), **head_tensors})
     return model.eval()
 
 
@@ -130,22 +132,30 @@ def _base(checkpoint: PeftCheckpoint, base: nn.Module | None,
 
 
 def _spec(entry: dict[str, Any], base: nn.Module, model_spec: ModelSpec | None,
-          inputs: dict[str, Any] | None) -> Any:
+          inputs: dict[str, Any] | None, modules_to_save: list[str]) -> Any:
     from pefc.spec import parse_spec
 
     data: dict[str, Any] = {"version": 1, "inputs": inputs or _hf_inputs(base), "adapters": [entry]}
+    if modules_to_save:
+        data["modules_to_save"] = modules_to_save
     if model_spec is not None:
         data["model"] = model_spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     return parse_spec(data)
 
 
 def _hf_inputs(base: nn.Module) -> dict[str, Any]:
-    vocab = getattr(getattr(base, "config", None), "vocab_size", None)
+    """``input_ids`` + optional ``attention_mask`` for a text model, ``pixel_values`` for a vision one."""
+    config = getattr(base, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if not vocab and isinstance(size, int) and isinstance(channels, int):
+        dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+        return {"pixel_values": {"shape": ["batch", channels, size, size], "dtype": dtype}}
     if not vocab:
         raise PefcError(f"{type(base).__name__} is not a transformers model: pass inputs= (the spec's `inputs`) "
                         "and example_inputs= to pefc.interop.peft.load")
     return {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": int(vocab)},
-            "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2}}
+            "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2, "optional": True}}
 
 
 def _warn_sliding_window(base: nn.Module) -> None:

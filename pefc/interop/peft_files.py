@@ -25,12 +25,9 @@ PREFIX = "base_model.model."
 
 #: config keys whose non-empty value asks for something pefc cannot express, per PEFT type
 UNSUPPORTED = {
-    "LORA": ("modules_to_save", "layer_replication", "target_parameters", "trainable_token_indices",
+    "LORA": ("layer_replication", "target_parameters", "trainable_token_indices",
              "alora_invocation_tokens", "use_qalora", "use_bdlora", "lora_bias", "megatron_config",
              "arrow_config"),
-    "IA3": ("modules_to_save",),
-    "PREFIX_TUNING": ("modules_to_save",),
-    "PROMPT_TUNING": ("modules_to_save",),
 }
 
 

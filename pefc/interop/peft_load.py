@@ -63,6 +63,39 @@ def exact_entry(entry: dict[str, Any], modules: list[str]) -> dict[str, Any]:
     return entry
 
 
+# --- modules_to_save -------------------------------------------------------------------------
+
+def saved_modules(checkpoint: PeftCheckpoint, base: nn.Module) -> tuple[PeftCheckpoint, dict[str, torch.Tensor],
+                                                                         list[str]]:
+    """Split off the ``modules_to_save`` tensors: ``(checkpoint of the adapter's own tensors,
+    {base parameter name: tensor}, the spec's modules_to_save)``.
+
+    PEFT saves a module whose path ends with one of the names under its base parameter names;
+    the spec gets PEFT's names where pefc's matching picks the same parameters, else exact paths.
+    """
+    from dataclasses import replace
+
+    from pefc.trainable import matching_parameters, saved_parameters
+
+    names = checkpoint.get("modules_to_save", [])
+    if not names:
+        return checkpoint, {}, []
+    params = {name for name, _ in base.named_parameters(remove_duplicate=False)}
+    modules = {path for path, _ in base.named_modules()}
+    saved: dict[str, str] = {}
+    for key in checkpoint.tensors:
+        parts = key.split(".")[:-1]
+        owner = next((p for p in (".".join(parts[:end]) for end in range(1, len(parts) + 1))
+                      if p in modules and any(p.endswith(n) for n in names)), None)
+        if key in params and owner is not None:
+            saved[key] = owner
+    tensors = {k: v for k, v in checkpoint.tensors.items() if k not in saved}
+    chosen = [n for n in names if matching_parameters(base, n)]
+    if set(saved_parameters(base, chosen)) != set(saved):
+        chosen = sorted(set(saved.values()))
+    return replace(checkpoint, tensors=tensors), {k: checkpoint.tensors[k] for k in saved}, chosen
+
+
 # --- which modules ---------------------------------------------------------------------------
 
 def adapted_modules(checkpoint: PeftCheckpoint, base: nn.Module, leaves: tuple[str, ...]) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pefc.errors import PefcError
-from pefc.interop.peft_files import peft_key
+from pefc.interop.peft_files import PREFIX, peft_key
 from pefc.interop.peft_load import by_layer, peft_pattern_value
 from pefc.sequence import SDPA
 from pefc.sites import LinearSite
@@ -76,7 +76,26 @@ def peft_adapter(model: Any, config: Any, *, projection: bool = False) -> tuple[
     task = task_type(info.get("class", ""))
     if config.method in ("prefix", "prompt") and task is None:
         task = "CAUSAL_LM"
-    return {**fields, "task_type": task, "inference_mode": True}, tensors
+    modules, saved = _modules_to_save(model, task)
+    fields["modules_to_save"] = modules or None
+    return {**fields, "task_type": task, "inference_mode": True}, {**tensors, **saved}
+
+
+def _modules_to_save(model: Any, task: str | None) -> tuple[list[str], dict[str, Any]]:
+    """PEFT's ``modules_to_save`` (exact module paths) and their tensors under their base names.
+
+    For ``SEQ_CLS`` PEFT always wraps the ``classifier`` / ``score`` head, so it is saved too
+    (as it is, when pefc did not train it).
+    """
+    from pefc.trainable import matching_parameters
+
+    saved = dict(model.pefc.saved_params)
+    if task == "SEQ_CLS":
+        for head in ("classifier", "score"):
+            for name, module in matching_parameters(model, head, skip=model.pefc.adapter_names).items():
+                saved.setdefault(name, module)
+    tensors = {f"{PREFIX}{name}": model.get_parameter(name) for name in saved}
+    return sorted(set(saved.values())), tensors
 
 
 def _linear_paths(model: Any, insertions: list[Any]) -> list[str]:
@@ -104,7 +123,7 @@ def _lora(model: Any, config: Any, insertions: list[Any]) -> tuple[dict[str, Any
         "use_rslora": config.rslora, "use_dora": config.method == "dora", "target_modules": paths,
         "rank_pattern": _exact_pattern(ranks, config.r), "alpha_pattern": _exact_pattern(alphas, config.alpha),
         "fan_in_fan_out": all(i.weight_layout == "in_out" for i in insertions), "bias": "none",
-        "init_lora_weights": True, "layers_to_transform": None, "modules_to_save": None}
+        "init_lora_weights": True, "layers_to_transform": None}
     return fields, tensors
 
 
@@ -125,7 +144,7 @@ def _ia3(model: Any, insertions: list[Any]) -> tuple[dict[str, Any], dict[str, A
     feedforward = [i.site_path for i in insertions if i.placement == "input"]
     fields = {"peft_type": "IA3", "target_modules": paths, "feedforward_modules": feedforward,
               "fan_in_fan_out": all(i.weight_layout == "in_out" for i in insertions),
-              "init_ia3_weights": True, "modules_to_save": None}
+              "init_ia3_weights": True}
     return fields, tensors
 
 
