@@ -15,6 +15,7 @@ from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
 from pefc.method import Method
+from pefc.quant import quantize_spec_model, quantized_params
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
 from pefc.sites import Site, SiteMap, find_sites
@@ -49,6 +50,7 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     base_params = sum(p.numel() for p in graph_module.parameters())
     base_node_count = len(graph_module.graph.nodes)
     sites = find_sites(graph_module)
+    base_params += quantized_params(sites.sites)  # quantized weights are buffers, not parameters
     registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
     formula: dict[str, int | None] = {}
     extras: dict[str, dict[str, Any]] = {}
@@ -79,7 +81,7 @@ def _capture_spec_model(spec: SpecBase, device: str | None) -> tuple[Any, dict[s
     cached = capture_cache.lookup(spec, device)
     if cached is not None:
         return cached
-    model = build_model(spec.model, device=device)
+    model = quantize_spec_model(spec, build_model(spec.model, device=device))
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)
@@ -131,7 +133,7 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     parameter count and report extras."""
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
-    adapter_dtype = getattr(spec, "adapter_dtype", None)
+    adapter_dtype = getattr(spec, "adapter_dtype", None) or ("float32" if quantized_params(sites.sites) else None)
     for config in spec.adapters:
         method, matched = select_sites(config, sites.sites, registry, taken)
         formula[config.name] = formula_params(method, config, matched)

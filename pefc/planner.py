@@ -31,6 +31,7 @@ from torch import nn
 
 from pefc.compiler import base_info, capture_with_spec_inputs, compile_graph, formula_params, select_sites
 from pefc.errors import CaptureError, SpecError
+from pefc.quant import QuantizedLinear, base_format, quantize_spec_model, stored_bytes
 from pefc.registry import Registry, default_registry
 from pefc.report import AdapterReport, ParameterReport, SiteReport
 from pefc.sites import Site, find_sites, layer_of
@@ -80,7 +81,7 @@ def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = 
     started = time.perf_counter()
     if spec.model is None:
         raise SpecError("the spec has no model to plan; planning builds the model from its `model` section")
-    model = build_model(spec.model, device="meta")
+    model = quantize_spec_model(spec, build_model(spec.model, device="meta"))
     reason = "replication turned off"
     if replicate:
         try:
@@ -246,5 +247,7 @@ def _report(spec: SpecBase, model: nn.Module, sites: list[Site], registry: Regis
                                       shared_params=shared, formula_params=total,
                                       extra=dict(method.report_extras(config, matched))))
         taken.add(config.name)
-    base = sum(p.numel() for p in model.parameters())
-    return ParameterReport(base, sum(a.params for a in adapters), adapters)
+    base = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return ParameterReport(base, sum(a.params for a in adapters), adapters, base_bytes=stored_bytes(model),
+                           quantized=base_format(model))
