@@ -161,6 +161,9 @@ def _os_error(exc: OSError) -> str:
 
 
 def _quiet_transformers() -> None:
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # CPU builds: "Failed to load" each CUDA kernel library
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
