@@ -29,7 +29,8 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     """Compile ``spec`` into a trainable :class:`CompiledModel`.
 
     With ``model`` (and optionally ``example_inputs``) the given module is used instead of
-    ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors.
+    ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors (a
+    ``model.quantize`` in the spec quantizes the given module's linears in place).
     ``device="meta"`` plans without allocating weights.
     """
     registry = registry or default_registry()
@@ -37,6 +38,7 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     if model is None:
         graph_module, info, training = _capture_spec_model(spec, device)
     else:
+        model = quantize_spec_model(spec, model)
         graph_module = capture_with_spec_inputs(spec, model, example_inputs)
         info, training = base_info(model), model.training
     return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
