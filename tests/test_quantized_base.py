@@ -142,7 +142,7 @@ def test_training_lowers_the_loss_and_leaves_the_codes_bit_identical():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1
     buffers = dict(model.named_buffers())
     assert all(torch.equal(buffers[n], value) for n, value in stored.items())
