@@ -201,3 +201,65 @@ def _peft_reference(report: BenchReport, spec: SpecBase, base: nn.Module, compil
     report.peft.update({"version": peft.__version__, "method": adapter.method,
                         "trainable_params": sum(p.numel() for p in reference.parameters() if p.requires_grad)})
     return reference
+
+
+# --- a float base against a quantized one (``pefc bench SPEC --quantized nf4``) ---------------
+
+@dataclass
+class QuantBenchReport:
+    """Train step time and memory of the spec's float base against the same base quantized."""
+
+    device: str
+    dims: dict[str, int]
+    repeats: int
+    method: str
+    #: bytes of the base's weights as stored, per base ("float", "<method>")
+    weight_mb: dict[str, float] = field(default_factory=dict)
+    train_step: dict[str, Measurement] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [f"device {self.device}, dims {self.dims}, median of {self.repeats} after warm-up",
+                 "peak MB: what one train step allocates beyond the weights and optimizer state", "",
+                 f"{'base':<10} {'weights MB':>11} {'step ms':>10} {'peak MB':>9}"]
+        for name, m in self.train_step.items():
+            peak = f"{m.peak_mb:9.1f}" if m.peak_mb is not None else f"{'-':>9}"
+            lines.append(f"{name:<10} {self.weight_mb[name]:>11.1f} {m.median_ms:>10.1f} {peak}")
+        lines += [""] + [f"{name:<34} {value:>8.3f}" for name, value in self.ratios.items()]
+        return "\n".join(lines)
+
+
+def run_quant_bench(spec: SpecBase, method: str = "nf4", *, device: str | None = None, repeats: int = 5,
+                    warmup: int = 1, dims: dict[str, int] | None = None) -> QuantBenchReport:
+    """Time a train step of ``spec`` (its base as the spec gives it) against the same spec with
+    ``model.quantize: {method: ...}`` (compute dtype: the spec's ``model.dtype``)."""
+    from pefc.quant import stored_bytes
+
+    if spec.model is None:
+        raise SpecError("bench needs a spec with a `model`")
+    quantize = {"method": method, **({} if spec.model.quantize is None else
+                                     spec.model.quantize.model_dump(exclude={"method"}))}
+    float_spec = spec.model_copy(update={"model": spec.model.model_copy(update={"quantize": None})})
+    quant_model = spec.model.model_validate({**spec.model.model_dump(by_alias=True), "quantize": quantize})
+    quant_spec = spec.model_copy(update={"model": quant_model,
+                                         "adapter_dtype": spec.adapter_dtype or spec.model.dtype})
+    target = torch.device(device or spec.model.device)
+    sizes = {**spec.dims(), **(dims or {})}
+    inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
+    report = QuantBenchReport(str(target), sizes, repeats, method)
+    steps = {}
+    for name, variant in (("float", float_spec), (method, quant_spec)):
+        model = compile_spec(variant, device=str(target)).train()
+        report.weight_mb[name] = stored_bytes(model, exclude=set(model.pefc.adapter_names)) / 2**20
+        steps[name] = _train_step(model, inputs)
+    report.train_step = _measure(steps, target, repeats, warmup)
+    report.ratios[f"weights {method}/float"] = report.weight_mb[method] / report.weight_mb["float"]
+    report.ratios[f"train step {method}/float"] = (report.train_step[method].median_ms
+                                                   / report.train_step["float"].median_ms)
+    if report.train_step["float"].peak_mb:
+        report.ratios[f"step peak {method}/float"] = (report.train_step[method].peak_mb or 0.0) / \
+            report.train_step["float"].peak_mb
+    return report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -74,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the model before export")
     p.add_argument("--atol", type=float, help="verification tolerance (default by dtype)")
     p.add_argument("--external-data", action="store_true", help="weights in MODEL.onnx.data (automatic > 1.5 GB)")
+    p.add_argument("--quantize", action="store_true",
+                   help="quantized base: store the merged weights quantized again and report the error")
+    p.add_argument("--max-error", type=float, default=0.05, metavar="ABS",
+                   help="with --quantize: warn when max |delta logits| exceeds this (default 0.05)")
 
     p = sub.add_parser("export-adapter", help="write LoRA adapters as an ONNX Runtime .onnx_adapter file")
     p.add_argument("spec")
@@ -88,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
+    p.add_argument("--quantized", choices=["nf4", "int8"], metavar="METHOD",
+                   help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
 
     p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
     p.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -145,6 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if not args.debug:
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when a verb imports transformers
+        logging.getLogger("torchao").setLevel(logging.ERROR)  # CPU builds log each CUDA kernel library they miss
     try:
         return _COMMANDS[args.command](args)
     except PefcError as exc:
@@ -292,12 +300,16 @@ def _export(args: argparse.Namespace) -> int:
     model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     result = export_onnx(model, args.output, merge=not args.no_merge, verify=args.verify,
                          lora_inputs=args.lora_inputs, dtype=args.dtype, atol=args.atol,
-                         external_data=True if args.external_data else None)
+                         external_data=True if args.external_data else None, quantize=args.quantize)
     print(f"wrote {result.path} ({result.nodes} nodes{', external data' if result.external_data else ''}) "
           f"in {result.seconds:.1f}s; inputs {', '.join(result.inputs[:4])}"
           f"{' ...' if len(result.inputs) > 4 else ''}; outputs {', '.join(result.outputs)}")
     for shape, diff in result.verify_max_abs_diff.items():
         print(f"verify: onnxruntime vs PyTorch at dims {shape}: max |diff| = {diff:.3g}")
+    if result.quantization_error is not None:
+        from pefc.quant_merge import describe_error
+
+        print(describe_error(result.quantization_error, args.max_error))
     return 0
 
 
@@ -322,8 +334,15 @@ def _bench(args: argparse.Namespace) -> int:
         if not size.isdigit() or int(size) < 1:
             raise pefc.SpecError(f"--dims expects NAME=SIZE with a positive size, got {item!r}")
         dims[name] = int(size)
-    report = run_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device, repeats=args.repeats, warmup=args.warmup,
-                       dims=dims, compare_peft=not args.no_peft)
+    spec = pefc.load_spec(args.spec, trust_code=args.trust_code)
+    if args.quantized:
+        from pefc.bench import run_quant_bench
+
+        report = run_quant_bench(spec, args.quantized, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                                 dims=dims)
+    else:
+        report = run_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
+                           compare_peft=not args.no_peft)
     if args.json:
         _print_json(report.to_dict())
     else:

@@ -248,10 +248,14 @@ class CompiledModel(fx.GraphModule):
         saved = report(self, self.pefc.saved_params)
         adapters += [saved] if saved is not None else []
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        from pefc.quant import base_format, stored_bytes
+
         floats = [p for p in self.parameters() if p.is_floating_point()]
         return ParameterReport(self.pefc.base_params, trainable, adapters,
                                base_dtype=dtype_name({p.dtype for p in floats if not p.requires_grad}),
-                               adapter_dtype=dtype_name({p.dtype for p in floats if p.requires_grad}))
+                               adapter_dtype=dtype_name({p.dtype for p in floats if p.requires_grad}),
+                               base_bytes=stored_bytes(self, exclude=set(self.pefc.adapter_names)),
+                               quantized=base_format(self))
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -319,11 +323,16 @@ class CompiledModel(fx.GraphModule):
 
     # -- merging ---------------------------------------------------------------------------
 
-    def merge(self) -> CompiledModel:
-        """A copy with every mergeable adapter folded into the base weights (``self`` is untouched)."""
+    def merge(self, *, quantize: bool = False) -> CompiledModel:
+        """A copy with every mergeable adapter folded into the base weights (``self`` is untouched).
+
+        Over a quantized base the folded weights are dequantized (a float model, exact); with
+        ``quantize=True`` they are quantized again and the measured error is in
+        ``merged.pefc.extras["quantization_error"]`` (see :mod:`pefc.quant_merge`).
+        """
         from pefc.merge import merge_model
 
-        return merge_model(self)
+        return merge_model(self, quantize=quantize)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options: Any) -> torch.Tensor:
         """Continue ``input_ids`` (causal LMs): greedy, or sampled with ``do_sample=True``.

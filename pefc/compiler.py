@@ -17,6 +17,7 @@ from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
 from pefc.hfcheck import raise_hf_issues
 from pefc.method import Method
+from pefc.quant import quantize_spec_model, quantized_params
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
 from pefc.sites import Site, SiteMap, find_sites
@@ -33,7 +34,8 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     """Compile ``spec`` into a trainable :class:`CompiledModel`.
 
     With ``model`` (and optionally ``example_inputs``) the given module is used instead of
-    ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors.
+    ``spec.model``; the spec's ``inputs`` name the dynamic dims of the example tensors (a
+    ``model.quantize`` in the spec quantizes the given module's linears in place).
     ``device="meta"`` plans without allocating weights. ``trust_code=True`` consents to import and
     call the spec's ``model.python`` (:mod:`pefc.trust`); a ``model`` given here needs no consent.
     """
@@ -42,6 +44,7 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     if model is None:
         graph_module, info, training = _capture_spec_model(spec, device, trust_code)
     else:
+        model = quantize_spec_model(spec, model)
         graph_module = capture_with_spec_inputs(spec, model, example_inputs)
         info, training = base_info(model), model.training
     return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
@@ -57,6 +60,7 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     saved = saved_parameters(graph_module, getattr(spec, "modules_to_save", []))
     base_node_count = len(graph_module.graph.nodes)
     sites = find_sites(graph_module)
+    base_params += quantized_params(sites.sites)  # quantized weights are buffers, not parameters
     registry.hook.pefc_before_rewrite(graph_module=graph_module, sites=sites.sites, spec=spec)
     formula: dict[str, int | None] = {}
     extras: dict[str, dict[str, Any]] = {}
@@ -92,7 +96,7 @@ def _capture_spec_model(spec: SpecBase, device: str | None,
     if cached is not None:
         return cached
     raise_hf_issues(spec)
-    model = build_model(spec.model, device=device, trust_code=trust_code)
+    model = quantize_spec_model(spec, build_model(spec.model, device=device, trust_code=trust_code))
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)
@@ -144,7 +148,7 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     parameter count and report extras."""
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
-    adapter_dtype = getattr(spec, "adapter_dtype", None)
+    adapter_dtype = getattr(spec, "adapter_dtype", None) or ("float32" if quantized_params(sites.sites) else None)
     for config in spec.adapters:
         method, matched = select_sites(config, sites.sites, registry, taken)
         formula[config.name] = formula_params(method, config, matched)

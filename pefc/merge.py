@@ -14,23 +14,48 @@ if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
 
 
-def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str] = frozenset()) -> CompiledModel:
+def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str] = frozenset(),
+                quantize: bool = False) -> CompiledModel:
     """Copy ``model`` and fold every insertion of a mergeable method (not in ``skip_methods``).
 
     Output-side modules fold innermost first (graph order), then input-side modules outermost
     first, which keeps the result exact when several adapters share a site.
+
+    Over a quantized base every quantized weight becomes a float parameter first (exact); with
+    ``quantize=True`` only the folded ones do, and are quantized again afterwards, the measured
+    error going to ``extras["quantization_error"]`` (:mod:`pefc.quant_merge`).
     """
+    from pefc import quant_merge
+    from pefc.quant import base_format
+
     merged = model.clone()
     state = merged.pefc
-    nodes = {n.name: n for n in merged.graph.nodes}
-    order = {n: i for i, n in enumerate(merged.graph.nodes)}
     foldable = [ins for ins in state.insertions if state.mergeable.get(ins.method)
                 and ins.method not in skip_methods and ins.placement in ("output", "input")]
+    stored = quant_merge.quantized_sites(merged) if base_format(merged) else {}
+    folded = {ins.weight_name for ins in foldable}
+    targets = [s for name, s in stored.items() if name in folded or not quantize]
+    chains = quant_merge.dequantize_sites(merged, targets, keep=quantize)
+    renamed = {s.weight_name: quant_merge.float_weight_name(s) for s in targets}
+    for ins in state.insertions:
+        if ins.weight_name in renamed:
+            ins.weight_name, ins.weight_layout = renamed[ins.weight_name], "out_in"
+    nodes = {n.name: n for n in merged.graph.nodes}
+    order = {n: i for i, n in enumerate(merged.graph.nodes)}
     outputs = sorted((i for i in foldable if i.placement == "output"), key=lambda i: order[nodes[i.node]])
     inputs = sorted((i for i in foldable if i.placement == "input"), key=lambda i: -order[nodes[i.node]])
     for ins in [*outputs, *inputs]:
         _fold_one(merged, ins, nodes[ins.node])
     _drop_unused_attrs(merged.graph)
+    if quantize and targets:
+        config = state.spec.model.quantize
+        errors = quant_merge.requantize_sites(merged, targets, chains, config, quant_merge.compute_dtype(state.spec))
+        merged.graph.lint()
+        merged.recompile()
+        state.extras = {**state.extras, "quantization_error": quant_merge.measure_error(
+            model, merged, config.method, errors).to_dict()}
+    elif not quantize:
+        quant_merge.drop_stored(merged, targets)
     merged.graph.lint()
     merged.recompile()
     state.insertions = [i for i in state.insertions if i not in foldable]

@@ -32,6 +32,7 @@ from torch import nn
 from pefc.compiler import base_info, capture_with_spec_inputs, compile_graph, formula_params, select_sites
 from pefc.errors import CaptureError, SpecError
 from pefc.hfcheck import raise_hf_issues
+from pefc.quant import QuantizedLinear, base_format, quantize_spec_model, stored_bytes
 from pefc.registry import Registry, default_registry
 from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
 from pefc.rewrite import default_adapter_dtype
@@ -85,7 +86,7 @@ def plan(spec: SpecBase, *, registry: Registry | None = None, replicate: bool = 
     if spec.model is None:
         raise SpecError("the spec has no model to plan; planning builds the model from its `model` section")
     raise_hf_issues(spec)
-    model = build_model(spec.model, device="meta", trust_code=trust_code)
+    model = quantize_spec_model(spec, build_model(spec.model, device="meta", trust_code=trust_code))
     reason = "replication turned off"
     if replicate:
         try:
@@ -251,8 +252,10 @@ def _report(spec: SpecBase, model: nn.Module, sites: list[Site], registry: Regis
                                       shared_params=shared, formula_params=total,
                                       extra=dict(method.report_extras(config, matched))))
         taken.add(config.name)
-    base = sum(p.numel() for p in model.parameters())
+    base = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear))
     base_dtype = torch_dtype(spec.model.dtype) if spec.model else torch.float32
     adapter_dtype = torch_dtype(spec.adapter_dtype) if spec.adapter_dtype else default_adapter_dtype(base_dtype)
     return ParameterReport(base, sum(a.params for a in adapters), adapters, base_dtype=dtype_name({base_dtype}),
-                           adapter_dtype=dtype_name({adapter_dtype}) if adapters else None)
+                           adapter_dtype=dtype_name({adapter_dtype}) if adapters else None,
+                           base_bytes=stored_bytes(model), quantized=base_format(model))

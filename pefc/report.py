@@ -40,6 +40,10 @@ class ParameterReport:
     adapters: list[AdapterReport]
     base_dtype: str | None = None
     adapter_dtype: str | None = None  # "mixed (...)" when the adapters differ
+    #: bytes of the base's parameters and buffers as stored (quantized weights: their codes and scales)
+    base_bytes: int | None = None
+    #: the base's weight storage format when quantized (``nf4``, ``int8``), else None
+    quantized: str | None = None
 
     @property
     def percent_of_base(self) -> float:
@@ -58,6 +62,8 @@ class ParameterReport:
     def table(self, *, sites: bool = True) -> str:
         """A plain-text table: one line per adapter, then (optionally) one per site."""
         lines = [f"base params:      {self.base_params:,}",
+                 *([f"base stored:      {self.base_bytes / 1e9:.3f} GB"
+                    + (f" ({self.quantized} weights)" if self.quantized else "")] if self.base_bytes is not None else []),
                  f"trainable params: {self.trainable_params:,} ({self.percent_of_base:.4f}% of base)"]
         if self.adapter_dtype:
             lines.append(f"dtypes:           base {self.base_dtype}, adapters {self.adapter_dtype}" + (

@@ -233,6 +233,8 @@ class RewriteContext:
     # -- internals -------------------------------------------------------------------------
 
     def _weight_node(self, site: LinearSite) -> fx.Node:
+        if site.quantized:  # the dequantized weight the linear reads
+            return site.node.args[1]  # type: ignore[return-value]
         return self._attr_node(site.weight_name)
 
     def _bias_node(self, site: LinearSite) -> fx.Node | None:

@@ -68,6 +68,10 @@ class LinearSite(Site):
 
     ``weight_layout`` is ``"out_in"`` (nn.Linear) or ``"in_out"`` (Conv1D, ``x @ W``); the
     helpers :meth:`weight` and :meth:`set_weight` always speak ``[out, in]``.
+
+    On a quantized base (:mod:`pefc.quant`) the weight operand is dequantized in the graph:
+    ``quantized`` names the format (``nf4``, ``int8``), ``weight_name`` the buffer of its codes
+    (the stored weight), and :meth:`weight` returns the dequantized values.
     """
 
     input: fx.Node = None  # type: ignore[assignment]
@@ -77,11 +81,16 @@ class LinearSite(Site):
     weight_layout: str = "out_in"
     in_features: int = 0
     out_features: int = 0
+    quantized: str | None = None
 
     def __post_init__(self) -> None:
         self.kind = "linear"
 
     def weight(self, graph_module: fx.GraphModule) -> torch.Tensor:
+        if self.quantized:
+            from pefc.quant import dequantize_site
+
+            return dequantize_site(graph_module, self)
         value = attr_value(graph_module, self.weight_name)
         return value if self.weight_layout == "out_in" else value.t()
 
@@ -183,7 +192,13 @@ def _linear_site(node: fx.Node, params: set[str]) -> LinearSite | None:
         return None
     if node.target is aten.linear.default:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return _make_linear(node, node.args[0], node, _param(node.args[1], params), _param(bias, params), "out_in")
+        weight = _param(node.args[1], params)
+        stored = _quantized_weight(node.args[1]) if weight is None else None
+        site = _make_linear(node, node.args[0], node, weight or (node.args[1] if stored else None),
+                            _param(bias, params) or _param(_cast_source(bias), params), "out_in")
+        if site is not None and stored is not None:
+            site.weight_name, site.quantized = stored
+        return site
     if node.target is aten.addmm.default:
         return _make_linear(node, node.args[1], node, _param(node.args[2], params),
                             _param(node.args[0], params), "in_out")
@@ -198,6 +213,27 @@ def _linear_site(node: fx.Node, params: set[str]) -> LinearSite | None:
             bias = _param(other[0], params) if other else None
             output = users[0] if bias is not None else node
         return _make_linear(node, node.args[0], output, _param(weight, params), bias, layout)
+    return None
+
+
+def _quantized_weight(node: Any) -> tuple[str, str] | None:
+    """``(codes buffer, format)`` when ``node`` dequantizes a weight stored by :mod:`pefc.quant`."""
+    from pefc.quant import format_of_buffer
+
+    if not isinstance(node, fx.Node) or node.op == "get_attr":
+        return None
+    hits = search([node], tensor_inputs, lambda n: n.op in ("get_attr", "placeholder"), limit=64)
+    for hit in hits:
+        found = format_of_buffer(str(hit.target)) if hit.op == "get_attr" else None
+        if found is not None:
+            return str(hit.target), found[0].name
+    return None
+
+
+def _cast_source(node: Any) -> Any:
+    """The tensor a dtype cast (``_to_copy``) reads, else None."""
+    if isinstance(node, fx.Node) and node.target is aten._to_copy.default:
+        return node.args[0]
     return None
 
 

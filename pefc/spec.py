@@ -44,6 +44,18 @@ class HFSource(_Strict):
         return self
 
 
+class QuantizeSpec(_Strict):
+    """A quantized base (QLoRA): its linear weights stored in ``method``, dequantized in the graph (pefc.quant)."""
+
+    method: Literal["nf4", "int8"] = Field(description="nf4 (QLoRA's 4-bit normal float, torchao) or int8 weight-only")
+    skip: list[str] | None = Field(default=None, description="linears kept unquantized: module-path globs or "
+                                   "roles (@attn.q); default: the output head (embeddings are never quantized)")
+    compute_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        default=None, description="dtype the weights dequantize to and linears compute in (default: model.dtype)")
+    block_size: int = Field(default=64, ge=2, description="nf4: weights per absmax block")
+    scaler_block_size: int = Field(default=256, ge=1, description="nf4: absmax blocks per int8-quantized scaler block")
+
+
 class ModelSpec(_Strict):
     """Where the base model comes from, and its dtype and device."""
 
@@ -55,6 +67,7 @@ class ModelSpec(_Strict):
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:\d+)?|meta)$")
     seed: int = Field(default=0, ge=0, description="seed of the random initialisation")
     _origin: Origin = PrivateAttr(default_factory=Origin)  # consent to run `python`, the spec's folder
+    quantize: QuantizeSpec | None = Field(default=None, description="store the base's linear weights quantized")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:

@@ -99,8 +99,11 @@ def _modules_to_save(model: Any, task: str | None) -> tuple[list[str], dict[str,
 
 
 def _linear_paths(model: Any, insertions: list[Any]) -> list[str]:
+    from pefc.quant import format_of_buffer
+
     for ins in insertions:
-        if ins.weight_name != f"{ins.site_path}.weight":
+        stored = format_of_buffer(ins.weight_name or "")  # a quantized base: the module's stored weight
+        if ins.weight_name != f"{ins.site_path}.weight" and (stored is None or stored[1] != ins.site_path):
             raise PefcError(f"site {ins.site_path!r} computes with {ins.weight_name!r}, not a weight of its own "
                             "module: HF PEFT can only adapt modules (nn.Linear, Conv1D)")
     return list(dict.fromkeys(i.site_path for i in insertions))
