@@ -53,10 +53,10 @@ def test_a_float16_spec_trains_float32_adapters():
     assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0]
 
 
-def test_adapter_dtype_still_overrides_and_the_plan_reports_the_default():
-    spec = pefc.parse_spec({**make_spec(LORA, dtype="bfloat16"), "adapter_dtype": "bfloat16"})
-    assert pefc.plan(spec).report.adapter_dtype == "bfloat16"
-    assert pefc.plan(pefc.parse_spec(make_spec(LORA, dtype="bfloat16"))).report.to_dict()["adapter_dtype"] == "float32"
+def test_the_plan_reports_the_default_adapter_dtype():
+    # adapter_dtype still overrides: tests/test_numerical_guards.py compiles bfloat16 adapters with it
+    report = pefc.plan(pefc.parse_spec(make_spec(LORA, dtype="bfloat16"))).report.to_dict()
+    assert (report["base_dtype"], report["adapter_dtype"]) == ("bfloat16", "float32")
 
 
 def test_the_model_is_built_in_the_spec_dtype_without_a_float32_copy():
