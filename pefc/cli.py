@@ -295,8 +295,12 @@ def _compiled_with_adapters(spec_path: str, adapters: str | None, trust_code: bo
 
 @command("export")
 def _export(args: argparse.Namespace) -> int:
-    from pefc.export import export_onnx
+    from pefc.export import export_onnx, refuse_unverifiable
+    from pefc.source import torch_dtype
+    from pefc.spec import load_spec
 
+    spec = load_spec(args.spec)  # refuse before compiling what could not be verified
+    refuse_unverifiable({torch_dtype(args.dtype or (spec.model.dtype if spec.model else "float32"))}, args.verify)
     model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     result = export_onnx(model, args.output, merge=not args.no_merge, verify=args.verify,
                          lora_inputs=args.lora_inputs, dtype=args.dtype, atol=args.atol,

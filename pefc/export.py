@@ -128,9 +128,12 @@ def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: b
 
 
 def _refuse_unverifiable(model: nn.Module, dtype: str | None, verify: bool) -> None:
-    """Refuse up front to verify a bfloat16 file: onnxruntime's CPU kernels lack bfloat16 (e.g. Mul)."""
     floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    exported = {torch_dtype(dtype)} if dtype is not None else floats
+    refuse_unverifiable({torch_dtype(dtype)} if dtype is not None else floats, verify)
+
+
+def refuse_unverifiable(exported: set[torch.dtype], verify: bool) -> None:
+    """Refuse up front to verify a bfloat16 file: onnxruntime's CPU kernels lack bfloat16 (e.g. Mul)."""
     if verify and torch.bfloat16 in exported:
         raise ExportError("cannot verify a bfloat16 ONNX file: onnxruntime has no CPU kernels for bfloat16 "
                           "operators such as Mul; nothing was written",
@@ -307,6 +310,7 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
     """
     import onnxruntime as ort
 
+    shown = label or path
     options = ort.SessionOptions()
     options.log_severity_level = 3  # LoRA initializers that are inputs are expected; no warnings
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -328,6 +332,6 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
         label = "x".join(str(v) for v in sizes.values())
         diffs[label] = diff
         if check and not diff <= atol:
-            raise VerificationError(f"{label or path}: onnxruntime output differs from the PyTorch model by {diff:.3g} "
+            raise VerificationError(f"{shown}: onnxruntime output differs from the PyTorch model by {diff:.3g} "
                                     f"(tolerance {atol:g}) at dims {sizes}")
     return diffs
