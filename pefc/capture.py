@@ -135,22 +135,33 @@ def drop_metadata_asserts(graph_module: fx.GraphModule) -> None:
 
 @contextmanager
 def _capture_mode(model: nn.Module) -> Iterator[None]:
-    """Training mode (dropouts visible) and, for transformers models, no KV cache outputs."""
+    """Training mode (dropouts visible) and, for transformers models, no KV cache outputs.
+
+    ``use_cache`` is switched off in every config of the model: encoder-decoders (T5) give
+    their stacks copies of the config, which the stacks read.
+    """
     was_training = model.training
     config = getattr(model, "config", None)
-    saved = {key: getattr(config, key) for key in ("use_cache", "return_dict") if hasattr(config, key)}
+    saved = {key: getattr(config, key) for key in ("return_dict",) if hasattr(config, key)}
+    caches = {id(c): (c, c.use_cache) for c in _configs(model) if hasattr(c, "use_cache")}
     model.train()
-    if config is not None:
-        if "use_cache" in saved:
-            config.use_cache = False
-        if "return_dict" in saved:
-            config.return_dict = True
+    if config is not None and "return_dict" in saved:
+        config.return_dict = True
+    for sub, _ in caches.values():
+        sub.use_cache = False
     try:
         yield
     finally:
         model.train(was_training)
         for key, value in saved.items():
             setattr(config, key, value)
+        for sub, value in caches.values():
+            sub.use_cache = value
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The ``config`` objects of ``model`` and its submodules (transformers models)."""
+    return [m.config for m in model.modules() if getattr(m, "config", None) is not None]
 
 
 def _reason(exc: BaseException) -> str:

@@ -57,6 +57,7 @@ class Site:
     node: fx.Node
     role: str | None = None
     layer: int | None = None
+    attention_kind: str | None = None  # attention sites and their projections: see pefc.selector
 
     def describe(self) -> str:
         return f"{self.path} ({self.kind}{', @' + self.role if self.role else ''})"
@@ -156,6 +157,7 @@ def find_sites(graph_module: fx.GraphModule) -> SiteMap:
                   if n.op == "call_function" and n.target is SDPA]
     embeddings = _embedding_sites(graph_module, params)
     activations = _ffn_roles(graph_module, by_output, by_node)
+    _attention_kinds(attentions, by_output, by_node)
     sites: list[Site] = [*embeddings, *attentions, *linears, *activations]
     for site in sites:
         site.layer = layer_of(site.path)
@@ -336,3 +338,52 @@ def _ffn_roles(graph_module: fx.GraphModule, by_output: dict[fx.Node, LinearSite
         path = module_path(node) or node.name
         sites.append(ActivationSite(path=path, node=node, role="mlp.act", width=down.in_features))
     return sites
+
+
+# --- attention kinds ------------------------------------------------------------------------
+
+def _attention_kinds(attentions: list[AttentionSite], by_output: dict[fx.Node, LinearSite],
+                     by_node: dict[fx.Node, LinearSite]) -> None:
+    """Mark each attention (and its q/k/v/o linears) ``self`` or ``cross``; in a model with
+    cross-attention, its self-attentions ``encoder`` or ``decoder`` (see :mod:`pefc.selector`)."""
+    for site in attentions:
+        site.attention_kind = _self_or_cross(site.node, by_output)
+    crosses = [s for s in attentions if s.attention_kind == "cross"]
+    if crosses:
+        feeding = _ancestors([a for s in crosses for a in _qkv(s.node)[1:]])
+        for site in attentions:
+            if site.attention_kind == "self":
+                site.attention_kind = "encoder" if site.node in feeding else "decoder"
+    for site in attentions:
+        for linear in {*_linears_before(_qkv(site.node), by_output), *_linears_after(site.node, by_node)}:
+            linear.attention_kind = linear.attention_kind or site.attention_kind
+
+
+def _qkv(node: fx.Node) -> list[fx.Node]:
+    return [get_arg(node, name) for name in ("query", "key", "value")]
+
+
+def _self_or_cross(node: fx.Node, by_output: dict[fx.Node, LinearSite]) -> str:
+    """``cross`` when the key projection reads another tensor than the query projection (else,
+    without projections, when the key length differs from the query length)."""
+    q, k, _ = _qkv(node)
+    q_in = {s.input for s in _linears_before([q], by_output)}
+    k_in = {s.input for s in _linears_before([k], by_output)}
+    if q_in and k_in:
+        return "self" if q_in & k_in else "cross"
+    q_shape, k_shape = meta_shape(q), meta_shape(k)
+    if q_shape and k_shape and str(q_shape[-2]) != str(k_shape[-2]):
+        return "cross"
+    return "self"
+
+
+def _ancestors(start: list[fx.Node]) -> set[fx.Node]:
+    """Every node ``start`` depends on."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in start if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen

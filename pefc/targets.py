@@ -8,13 +8,18 @@ from collections.abc import Sequence
 
 from pefc.config import AdapterConfig
 from pefc.errors import TargetError
+from pefc.selector import kind_matches, split_kind
 from pefc.sites import ROLES, Site
 
 
 def selector_matches(selector: str, site: Site) -> bool:
-    """``@role`` matches a role (``@mlp`` matches every ``mlp.*``); anything else is a path glob."""
+    """``@role`` matches a role (``@mlp`` matches every ``mlp.*``), ``@role[kind]`` only in
+    attentions of that kind (:mod:`pefc.selector`); anything else is a path glob."""
     if selector.startswith("@"):
+        selector, kind = split_kind(selector)
         role = selector[1:]
+        if kind is not None and not kind_matches(kind, site.attention_kind):
+            return False
         return site.role is not None and (site.role == role or site.role.startswith(role + "."))
     return fnmatch.fnmatchcase(site.path, selector) or fnmatch.fnmatchcase(site.path, "*." + selector)
 
@@ -46,7 +51,11 @@ def _no_match(config: AdapterConfig, selector: str, hits: list[Site], sites: Seq
     if hits:
         layers = sorted({s.layer for s in hits if s.layer is not None})
         return f"{head} matches no site in layers {config.layers}; it matches layers {layers}"
-    return f"{head} matches no site; {_nearest(selector, sites, kinds)}"
+    base, kind = split_kind(selector)
+    if kind is not None and any(selector_matches(base, s) for s in sites):
+        found = sorted({s.attention_kind for s in sites if s.attention_kind and selector_matches(base, s)})
+        return f"{head} matches no site; {base} is found in attentions of kind: {', '.join(found)}"
+    return f"{head} matches no site; {_nearest(base, sites, kinds)}"
 
 
 def _nearest(selector: str, sites: Sequence[Site], kinds: Sequence[str]) -> str:
