@@ -198,13 +198,14 @@ class RewriteContext:
         self._record(site, name, node, "custom")
         return node
 
-    def offset_positions(self, offset: int) -> int:
-        """Shift the positions of the real tokens by ``offset`` (RoPE, position embeddings).
+    def offset_positions(self, offset: int, sites: Sequence[AttentionSite] | None = None) -> int:
+        """Shift the positions of the real tokens by ``offset`` (RoPE, position embeddings); with
+        ``sites``, only the positions those attentions see (a decoder's, not its encoder's).
 
         Returns the number of places shifted (0 for a model without positions); see
         :func:`pefc.sequence.position_edges`.
         """
-        return offset_positions(self.graph_module, offset)
+        return offset_positions(self.graph_module, offset, None if sites is None else {s.node for s in sites})
 
     def prepend_sequence(self, site: EmbeddingSite, module: nn.Module, length: int) -> fx.Node:
         """Replace the embedding output ``e`` by ``module(e)``, which prepends ``length`` items in dim -2.

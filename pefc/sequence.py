@@ -20,7 +20,7 @@ functions called from ``call_function`` nodes, so the graph stays exportable.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -90,10 +90,15 @@ def ancestors(start: Iterable[Any], *, through_sdpa: bool = True, through_sizes:
     return seen
 
 
-def attention_operand_ancestors(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes feeding some attention's query, key or value without passing through an attention."""
-    operands = [get_arg(n, name) for n in graph.nodes if n.target is SDPA for name in ("query", "key", "value")]
+def attention_operand_ancestors(graph: fx.Graph, attentions: Collection[fx.Node] | None = None) -> set[fx.Node]:
+    """Nodes feeding some attention's (of ``attentions``, default all) query, key or value without
+    passing through an attention."""
+    operands = [get_arg(n, name) for n in _attentions(graph, attentions) for name in ("query", "key", "value")]
     return {n for n in ancestors(operands, through_sdpa=False, through_sizes=False) if n.target is not SDPA}
+
+
+def _attentions(graph: fx.Graph, only: Collection[fx.Node] | None) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.target is SDPA and (only is None or n in only)]
 
 
 def mask_ancestors(graph: fx.Graph) -> set[fx.Node]:
@@ -127,7 +132,8 @@ def _keeps_positions(node: fx.Node, source: fx.Node) -> bool:
     return True
 
 
-def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+def position_edges(graph_module: fx.GraphModule,
+                   attentions: Collection[fx.Node] | None = None) -> list[tuple[fx.Node, fx.Node]]:
     """``(positions, consumer)`` edges where sequence positions enter the computation.
 
     Positions start at ``arange`` nodes or integer buffers holding ``arange`` (BERT's
@@ -136,6 +142,8 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
     an attention's query/key/value without crossing an attention (RoPE angles, position
     embeddings). Causal-mask index arithmetic (which only reaches ``attn_mask``) and aranges
     of other lengths (e.g. RoPE frequencies computed in the graph) are not reported.
+    ``attentions`` (default: all) limits this to the positions of those attentions (an
+    encoder-decoder's decoder, not its encoder).
     """
     graph = graph_module.graph
     roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)]
@@ -146,8 +154,8 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
         if node not in positions:
             positions.add(node)
             stack.extend(u for u in node.users if _keeps_positions(u, node))
-    operands = attention_operand_ancestors(graph)
-    lengths = {_size_key(get_arg(n, "query"), -2) for n in graph.nodes if n.target is SDPA} - {None}
+    operands = attention_operand_ancestors(graph, attentions)
+    lengths = {_size_key(get_arg(n, "query"), -2) for n in _attentions(graph, attentions)} - {None}
     return [(node, user) for node in graph.nodes if node in positions and _has_size(node, lengths)
             for user in node.users if user not in positions and user in operands]
 
@@ -194,11 +202,13 @@ def _reads_data(node: fx.Node) -> bool:
 
 # --- graph edits -------------------------------------------------------------------------------
 
-def offset_positions(graph_module: fx.GraphModule, offset: int) -> int:
-    """Add ``offset`` to the positions at every :func:`position_edges` edge; return how many."""
+def offset_positions(graph_module: fx.GraphModule, offset: int,
+                     attentions: Collection[fx.Node] | None = None) -> int:
+    """Add ``offset`` to the positions at every :func:`position_edges` edge (of ``attentions``,
+    default all); return how many."""
     graph = graph_module.graph
     shifted: dict[fx.Node, fx.Node] = {}
-    edges = position_edges(graph_module)
+    edges = position_edges(graph_module, attentions)
     for node, user in edges:
         if node not in shifted:
             with graph.inserting_after(node):

@@ -129,7 +129,7 @@ class Prefix(pefc.Method):
 
     def rewrite(self, ctx: pefc.RewriteContext, config: PrefixConfig, sites: Sequence[pefc.Site]) -> None:
         length = config.num_virtual_tokens
-        ctx.offset_positions(length)
+        ctx.offset_positions(length, sites)  # type: ignore[arg-type]
         table = None
         if config.projection is not None:
             width = _kv_width(sites[0])  # type: ignore[arg-type]
