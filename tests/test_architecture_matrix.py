@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from arch_models import BART, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT
 from torch import nn
 
 import pefc
@@ -107,6 +108,9 @@ ROWS = [
     Row("layoutlm", "LayoutLMModel", ENCODER, "layoutlm"),
     Row("deberta", "DebertaModel", ENCODER, "deberta"),
     Row("deberta-v2", "DebertaV2Model", ENCODER, "deberta-v2"),
+    Row("t5", T5["class"], T5["config"], "t5", extra={"inputs": SEQ2SEQ_INPUTS}),
+    Row("bart", BART["class"], BART["config"], "bart", extra={"inputs": SEQ2SEQ_INPUTS}),
+    Row("vit", VIT["class"], VIT["config"], "vit", extra={"inputs": VISION_INPUTS, "targets": ["q_proj", "v_proj"]}),
 ]
 
 
@@ -142,6 +146,15 @@ def inputs_of(b: int, s: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(3, VOCAB, (b, s), generator=generator), "attention_mask": mask}
 
 
+def seq2seq_inputs(b: int, s: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed + 1)
+    return {**inputs_of(b, s, seed), "decoder_input_ids": torch.randint(3, VOCAB, (b, s + 2), generator=generator)}
+
+
+def pixel_inputs(b: int, s: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(seed))}
+
+
 def max_diff(reference: nn.Module, model: nn.Module, inputs=inputs_of) -> float:
     worst = 0.0
     for shape in SHAPES:
@@ -160,18 +173,21 @@ RESULTS: dict[str, tuple[bool, float]] = {}
 def test_roles_and_peft_lora(row: Row, tmp_path):
     model_spec = row.model_spec()
     base = build_model(ModelSpec.model_validate(model_spec)).eval()
-    reference = peft_reference(base, None)
+    reference = peft_reference(base, row.extra.get("targets"))  # ViT: not in PEFT's table, its q/v by name
     reference.save_pretrained(tmp_path)
     loaded = interop.load(tmp_path, model_spec=model_spec)
-    diff = max_diff(reference, loaded)
-    roles = sorted({ROLE_OF[name] for name in PEFT_TARGETS[row.model_type]})
-    spec = parse_spec({"version": 1, "model": model_spec, "inputs": HF_INPUTS,
+    inputs = row.extra.get("inputs", HF_INPUTS)
+    batches = {"pixel_values": pixel_inputs, "decoder_input_ids": seq2seq_inputs}
+    batch_of = next((f for key, f in batches.items() if key in inputs), inputs_of)
+    diff = max_diff(reference, loaded, batch_of)
+    roles = sorted({ROLE_OF[name] for name in row.extra.get("targets") or PEFT_TARGETS[row.model_type]})
+    spec = parse_spec({"version": 1, "model": model_spec, "inputs": inputs,
                        "adapters": [{"name": "roles", "method": "lora", "r": 2, "target": ["@" + r for r in roles]}]})
     picked = {i.site_path for i in pefc.compile(spec).pefc.insertions}
     RESULTS[row.name] = (picked == lora_modules(reference), diff)
     assert picked == lora_modules(reference), f"{row.name}: roles {roles} pick {sorted(picked)}"
     assert diff < ATOL, f"{row.name}: max |diff| {diff}"
-    assert max_diff(base, loaded) > 1e-3  # the adapter does something
+    assert max_diff(base, loaded, batch_of) > 1e-3  # the adapter does something
 
 
 # --- a plain nn.Module with hand-written attention ------------------------------------------------
