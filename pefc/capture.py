@@ -25,6 +25,7 @@ from pefc import fxsource
 from pefc.errors import CaptureError
 from pefc.graphutil import get_arg, set_arg
 from pefc.simplify import simplify
+from pefc.specialized import find_specialization
 
 TRAINING_FLAG = "_pefc_training"
 DROPOUT_OPS = (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
@@ -47,13 +48,17 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
     dynamic_shapes = {key: {i: Dim.DYNAMIC for i in dynamic_dims.get(key, [])} or None for key in inputs}
     with _capture_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        def export() -> torch.export.ExportedProgram:
+            return torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
         try:
-            program = torch.export.export(model, (), dict(inputs), dynamic_shapes=dynamic_shapes, strict=False)
+            program = export()
         except Exception as exc:
+            hint = _capture_hint(exc)
+            if _specialized(exc):
+                hint = _specialized_hint(export) or hint
             _release_export_state()
             fxsource.forget_since(sources)
-            raise CaptureError(f"cannot capture model {name} with torch.export: {_reason(exc)}",
-                               hint=_capture_hint(exc)) from exc
+            raise CaptureError(f"cannot capture model {name} with torch.export: {_reason(exc)}", hint=hint) from exc
     exported = program.module()
     graph_module = fx.GraphModule(exported, exported.graph, class_name=name)
     del program, exported
@@ -135,22 +140,33 @@ def drop_metadata_asserts(graph_module: fx.GraphModule) -> None:
 
 @contextmanager
 def _capture_mode(model: nn.Module) -> Iterator[None]:
-    """Training mode (dropouts visible) and, for transformers models, no KV cache outputs."""
+    """Training mode (dropouts visible) and, for transformers models, no KV cache outputs.
+
+    ``use_cache`` is switched off in every config of the model: encoder-decoders (T5) give
+    their stacks copies of the config, which the stacks read.
+    """
     was_training = model.training
     config = getattr(model, "config", None)
-    saved = {key: getattr(config, key) for key in ("use_cache", "return_dict") if hasattr(config, key)}
+    saved = {key: getattr(config, key) for key in ("return_dict",) if hasattr(config, key)}
+    caches = {id(c): (c, c.use_cache) for c in _configs(model) if hasattr(c, "use_cache")}
     model.train()
-    if config is not None:
-        if "use_cache" in saved:
-            config.use_cache = False
-        if "return_dict" in saved:
-            config.return_dict = True
+    if config is not None and "return_dict" in saved:
+        config.return_dict = True
+    for sub, _ in caches.values():
+        sub.use_cache = False
     try:
         yield
     finally:
         model.train(was_training)
         for key, value in saved.items():
             setattr(config, key, value)
+        for sub, value in caches.values():
+            sub.use_cache = value
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The ``config`` objects of ``model`` and its submodules (transformers models)."""
+    return [m.config for m in model.modules() if getattr(m, "config", None) is not None]
 
 
 def _reason(exc: BaseException) -> str:
@@ -161,6 +177,20 @@ def _reason(exc: BaseException) -> str:
     if detail and len(reason) < 200:
         reason += f" ({detail})"
     return reason[:600]
+
+
+def _specialized(exc: BaseException) -> bool:
+    text = str(exc)
+    return "Constraints violated" in text or "specialized" in text
+
+
+def _specialized_hint(export: Any) -> str | None:
+    """Name the model line that fixed a dynamic dim (see :mod:`pefc.specialized`)."""
+    where = find_specialization(export)
+    if where is None:
+        return None
+    return (f"{where}; that dim cannot be dynamic for this model: make it a fixed integer in `inputs`, "
+            "or change that line so it does not depend on the size")
 
 
 def _capture_hint(exc: BaseException) -> str:

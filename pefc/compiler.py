@@ -15,6 +15,7 @@ from pefc.capture import capture, module_device
 from pefc.compiled import CompiledModel, CompileState
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
+from pefc.examples import normalize_examples
 from pefc.hfcheck import raise_hf_issues
 from pefc.method import Method
 from pefc.quant import quantize_spec_model, quantized_params
@@ -122,8 +123,11 @@ def base_info(model: nn.Module) -> dict[str, Any]:
 def capture_with_spec_inputs(spec: SpecBase, model: nn.Module, given: dict[str, Any] | None = None,
                              *, dynamic: bool = True) -> Any:
     """Capture ``model`` on ``given`` inputs (default: the spec's, on the model's device), the
-    spec's named dims dynamic (or every size static with ``dynamic=False``)."""
+    spec's named dims dynamic (or every size static with ``dynamic=False``). Given inputs are
+    normalised first (:func:`pefc.examples.normalize_examples`)."""
     inputs = _example_inputs(spec, model, given)
+    if given is not None:  # views, slices, size-1 dims, other devices: see pefc.examples
+        inputs = normalize_examples(spec, inputs, module_device(model), dynamic=dynamic)
     return capture(model, inputs, _dynamic_dims(spec, inputs) if dynamic else {}, name=type(model).__name__)
 
 

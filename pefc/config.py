@@ -6,6 +6,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pefc.selector import split_kind
+
 ADAPTER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
@@ -32,7 +34,8 @@ class AdapterConfig(BaseModel):
     method: str = Field(description="The PEFT method, as listed by `pefc plugins`.")
     target: list[str] = Field(
         default_factory=list,
-        description='Sites to adapt: roles ("@attn.q", "@mlp.down", "@attn", "@embed") or '
+        description='Sites to adapt: roles ("@attn.q", "@mlp.down", "@attn", "@embed"), roles in one '
+                    'kind of attention ("@attn.q[cross]", "@attn[self]", "@attn.v[encoder]", "@attn[decoder]") or '
                     'module-path globs ("*.q_proj"). Empty: the method\'s default targets.')
     layers: list[int] | None = Field(
         default=None, description="Only sites in these layer indices (the first integer in the module path).")
@@ -43,6 +46,7 @@ class AdapterConfig(BaseModel):
         for item in value:
             if not item.strip() or item.strip() == "@":
                 raise ValueError("a target must be a role like '@attn.q' or a module-path glob like '*.q_proj'")
+            split_kind(item.strip())  # raises for an unknown attention kind: '@attn.q[cross]'
         return value
 
     @field_validator("layers")

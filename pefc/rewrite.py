@@ -20,7 +20,6 @@ from torch import nn
 
 from pefc.config import AdapterConfig
 from pefc.errors import PluginError
-from pefc.graphutil import get_arg
 from pefc.sequence import first_computation, offset_positions, prepend_kv, prepend_sequence
 from pefc.sites import AttentionSite, EmbeddingSite, LinearSite, Site
 
@@ -196,25 +195,30 @@ class RewriteContext:
         """Prepend slots to the attention's keys and values (prefix tuning).
 
         ``module(key, value, *args)`` returns ``(k_slots, v_slots)`` shaped like the key and
-        value the attention sees (after RoPE and any head repetition) with the slot count in
-        dim -2. The mask is widened so every query sees every slot (bool, additive float,
-        ``None`` with ``is_causal``, ``None``); see :func:`pefc.sequence.prepend_kv`.
+        value the attention sees (after RoPE and any head repetition) as ``[..., H, S, D]``
+        with the slot count in dim -2, whichever form the attention has. Every mask or bias
+        over the keys is widened so every query sees every slot (bool, additive float, causal,
+        ALiBi or relative position bias); see :func:`pefc.sequence.prepend_kv`.
         """
         name = self.add_module(site, module)
-        key, value = get_arg(site.node, "key"), get_arg(site.node, "value")
-        with self.graph.inserting_before(site.node):
-            node = self.graph.call_module(name, (key, value, *args))
-        prepend_kv(self.graph, site.node, node, self._widened_masks)
+        if site.attention is None:
+            raise PluginError(f"adapter {self.config.name!r}: attention site {site.path!r} has no graph pattern")
+
+        def make_slots(key: fx.Node, value: fx.Node) -> fx.Node:
+            return self.graph.call_module(name, (key, value, *args))
+
+        node = prepend_kv(self.graph, site.attention, make_slots, self._widened_masks)
         self._record(site, name, node, "custom")
         return node
 
-    def offset_positions(self, offset: int) -> int:
-        """Shift the positions of the real tokens by ``offset`` (RoPE, position embeddings).
+    def offset_positions(self, offset: int, sites: Sequence[AttentionSite] | None = None) -> int:
+        """Shift the positions of the real tokens by ``offset`` (RoPE, position embeddings); with
+        ``sites``, only the positions those attentions see (a decoder's, not its encoder's).
 
         Returns the number of places shifted (0 for a model without positions); see
         :func:`pefc.sequence.position_edges`.
         """
-        return offset_positions(self.graph_module, offset)
+        return offset_positions(self.graph_module, offset, None if sites is None else {s.node for s in sites})
 
     def prepend_sequence(self, site: EmbeddingSite, module: nn.Module, length: int) -> fx.Node:
         """Replace the embedding output ``e`` by ``module(e)``, which prepends ``length`` items in dim -2.

@@ -20,12 +20,13 @@ functions called from ``call_function`` nodes, so the graph stays exportable.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from pefc.attention import Attention, find_attentions
 from pefc.errors import PluginError
 from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
 
@@ -70,35 +71,59 @@ def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tenso
     return torch.cat([x.new_full(shape, value), x], dim=dim)
 
 
+def widen_key_axis(x: torch.Tensor, slots: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    """A mask or bias over the keys (last dim) with ``fill`` for the ``slots.shape[-2]`` new keys in front."""
+    return prepend_fill(x, -1, slots.shape[-2], fill)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B*H, S, D]`` -> ``[B, H, S, D]``."""
+    return x.view(-1, heads, x.shape[-2], x.shape[-1])
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, D]`` -> ``[B*H, S, D]``."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
 # --- graph queries ---------------------------------------------------------------------------
 
-def ancestors(start: Iterable[Any], *, through_sdpa: bool = True, through_sizes: bool = True) -> set[fx.Node]:
+def ancestors(start: Iterable[Any], *, through_sdpa: bool = True, through_sizes: bool = True,
+              stops: set[fx.Node] | None = None) -> set[fx.Node]:
     """Every node ``start`` depends on (itself included).
 
-    ``through_sdpa=False`` does not look behind attention nodes; ``through_sizes=False``
-    does not look behind size values (a ``sym_size`` depends on a shape, not on data).
+    ``through_sdpa=False`` does not look behind attention nodes (SDPA, and ``stops``: the
+    outputs of attentions written out); ``through_sizes=False`` does not look behind size
+    values (a ``sym_size`` depends on a shape, not on data).
     """
     seen: set[fx.Node] = set()
+    stops = stops or set()
     stack = [n for n in start if isinstance(n, fx.Node)]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if (through_sdpa or node.target is not SDPA) and (through_sizes or not _is_symbolic(node)):
+        behind = through_sdpa or (node.target is not SDPA and node not in stops)
+        if behind and (through_sizes or not _is_symbolic(node)):
             stack.extend(node.all_input_nodes)
     return seen
 
 
-def attention_operand_ancestors(graph: fx.Graph) -> set[fx.Node]:
+def attention_operand_ancestors(graph: fx.Graph, attentions: list[Attention] | None = None) -> set[fx.Node]:
     """Nodes feeding some attention's query, key or value without passing through an attention."""
-    operands = [get_arg(n, name) for n in graph.nodes if n.target is SDPA for name in ("query", "key", "value")]
-    return {n for n in ancestors(operands, through_sdpa=False, through_sizes=False) if n.target is not SDPA}
+    attentions = find_attentions(graph)[0] if attentions is None else attentions
+    operands = [n for a in attentions for n in (a.query, a.key, a.value)]
+    outputs = {a.output for a in attentions}
+    return {n for n in ancestors(operands, through_sdpa=False, through_sizes=False, stops=outputs)
+            if n not in outputs}
 
 
 def mask_ancestors(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose data feeds some attention's ``attn_mask`` (not through sizes)."""
-    return ancestors((get_arg(n, "attn_mask") for n in graph.nodes if n.target is SDPA), through_sizes=False)
+    """Nodes whose data feeds some attention's mask or bias over the keys (not through sizes)."""
+    masks = [m.node for a in find_attentions(graph)[0] for m in a.masks]
+    masks += [get_arg(n, "attn_mask") for n in graph.nodes if n.target is SDPA]
+    return ancestors(masks, through_sizes=False)
 
 
 def first_computation(graph: fx.Graph) -> fx.Node:
@@ -127,7 +152,8 @@ def _keeps_positions(node: fx.Node, source: fx.Node) -> bool:
     return True
 
 
-def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+def position_edges(graph_module: fx.GraphModule,
+                   attentions: Collection[fx.Node] | None = None) -> list[tuple[fx.Node, fx.Node]]:
     """``(positions, consumer)`` edges where sequence positions enter the computation.
 
     Positions start at ``arange`` nodes or integer buffers holding ``arange`` (BERT's
@@ -136,6 +162,8 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
     an attention's query/key/value without crossing an attention (RoPE angles, position
     embeddings). Causal-mask index arithmetic (which only reaches ``attn_mask``) and aranges
     of other lengths (e.g. RoPE frequencies computed in the graph) are not reported.
+    ``attentions`` (default: all) limits this to the positions of those attentions (an
+    encoder-decoder's decoder, not its encoder).
     """
     graph = graph_module.graph
     roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)]
@@ -146,8 +174,9 @@ def position_edges(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
         if node not in positions:
             positions.add(node)
             stack.extend(u for u in node.users if _keeps_positions(u, node))
-    operands = attention_operand_ancestors(graph)
-    lengths = {_size_key(get_arg(n, "query"), -2) for n in graph.nodes if n.target is SDPA} - {None}
+    found = [a for a in find_attentions(graph)[0] if attentions is None or a.output in attentions]
+    operands = attention_operand_ancestors(graph, found)
+    lengths = {_size_key(a.query, -2) for a in found} - {None}
     return [(node, user) for node in graph.nodes if node in positions and _has_size(node, lengths)
             for user in node.users if user not in positions and user in operands]
 
@@ -194,11 +223,13 @@ def _reads_data(node: fx.Node) -> bool:
 
 # --- graph edits -------------------------------------------------------------------------------
 
-def offset_positions(graph_module: fx.GraphModule, offset: int) -> int:
-    """Add ``offset`` to the positions at every :func:`position_edges` edge; return how many."""
+def offset_positions(graph_module: fx.GraphModule, offset: int,
+                     attentions: Collection[fx.Node] | None = None) -> int:
+    """Add ``offset`` to the positions at every :func:`position_edges` edge (of ``attentions``,
+    default all); return how many."""
     graph = graph_module.graph
     shifted: dict[fx.Node, fx.Node] = {}
-    edges = position_edges(graph_module)
+    edges = position_edges(graph_module, attentions)
     for node, user in edges:
         if node not in shifted:
             with graph.inserting_after(node):
@@ -207,27 +238,41 @@ def offset_positions(graph_module: fx.GraphModule, offset: int) -> int:
     return len(edges)
 
 
-def prepend_kv(graph: fx.Graph, attention: fx.Node, slots: fx.Node,
-               masks: dict[fx.Node | None, fx.Node] | None = None) -> None:
-    """Feed ``attention`` keys ``[k_slots; key]`` and values ``[v_slots; value]``.
+def prepend_kv(graph: fx.Graph, attention: Attention, make_slots: Callable[[fx.Node, fx.Node], fx.Node],
+               masks: dict[Any, fx.Node] | None = None) -> fx.Node:
+    """Feed ``attention`` keys ``[k_slots; key]`` and values ``[v_slots; value]``; return the slots node.
 
-    ``slots`` is a node producing ``(k_slots, v_slots)`` shaped like key/value with the
-    slot count in dim -2. The mask is widened by :func:`extend_attention_mask` (a ``None``
-    mask with ``is_causal`` becomes an explicit mask); ``masks`` caches widened masks by
-    original mask node so attentions sharing a mask share its widened form.
+    ``make_slots(key, value)`` inserts (at the graph's insertion point) a node producing
+    ``(k_slots, v_slots)`` shaped like key/value ``[..., H, S, D]`` with the slot count in
+    dim -2. Every mask or bias over the keys is widened so that every query sees every slot
+    (SDPA: by :func:`extend_attention_mask`, a ``None`` mask with ``is_causal`` becomes an
+    explicit one; written out: :func:`widen_key_axis` with each mask's fill). ``masks``
+    caches widened masks by original mask node so attentions sharing a mask share its
+    widened form.
     """
+    cache = masks if masks is not None else {}
+    if attention.form == "sdpa":
+        slots = _prepend_kv_sdpa(graph, attention.output, make_slots, cache)
+        attention.key, attention.value = get_arg(attention.output, "key"), get_arg(attention.output, "value")
+        return slots
+    return _prepend_kv_eager(graph, attention, make_slots, cache)
+
+
+def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[fx.Node, fx.Node], fx.Node],
+                     masks: dict[Any, fx.Node]) -> fx.Node:
     query, key, value = (get_arg(attention, name) for name in ("query", "key", "value"))
     mask, is_causal = get_arg(attention, "attn_mask"), get_arg(attention, "is_causal")
     if isinstance(is_causal, fx.Node):
         raise PluginError(f"{attention.name}: is_causal is computed in the graph; cannot widen its mask")
     with graph.inserting_before(attention):
+        slots = make_slots(key, value)
         k_slots = graph.call_function(operator.getitem, (slots, 0))
         v_slots = graph.call_function(operator.getitem, (slots, 1))
         new_key = graph.call_function(aten.cat.default, ([k_slots, key], -2))
         new_value = graph.call_function(aten.cat.default, ([v_slots, value], -2))
         new_mask = None
         if mask is not None or is_causal:
-            cache = masks if masks is not None and mask is not None else {}
+            cache = masks if mask is not None else {}
             new_mask = cache.get(mask)
             if new_mask is None:
                 new_mask = graph.call_function(extend_attention_mask, (mask, query, key, k_slots, bool(is_causal)))
@@ -238,6 +283,63 @@ def prepend_kv(graph: fx.Graph, attention: fx.Node, slots: fx.Node,
         set_arg(attention, "attn_mask", new_mask)
         if is_causal:
             set_arg(attention, "is_causal", False)
+    return slots
+
+
+def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.Node, fx.Node], fx.Node],
+                      masks: dict[Any, fx.Node]) -> fx.Node:
+    """Join slots where an attention written out reads its keys and values, and widen its masks and biases."""
+    where = att.output.name
+    if att.pinned:
+        raise PluginError(f"attention {where}: reshape {att.pinned[0].name!r} spells out the key length, so extra "
+                          "keys cannot join this attention")
+    if att.value_axis != -2:
+        raise PluginError(f"attention {where}: the values carry the key positions in dim {att.value_axis}, not -2")
+    if att.layout == "bsd" and not att.key_heads:
+        raise PluginError(f"attention {where}: keys are [batch*heads, S, D] and the graph does not tell the heads")
+    assert att.scores is not None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if order[att.value] > order[att.key_user]:
+        raise PluginError(f"attention {where}: its values are computed after its scores; cannot join both there")
+    with graph.inserting_before(att.key_user):
+        key = _canonical(graph, att.key, att.key_axis, att)
+        value = _canonical(graph, att.value, -2, att)
+        slots = make_slots(key, value)
+        k_slots = graph.call_function(operator.getitem, (slots, 0))
+        v_slots = graph.call_function(operator.getitem, (slots, 1))
+        new_key = graph.call_function(aten.cat.default, ([_restored(graph, k_slots, att.key_axis, att), att.key],
+                                                         att.key_axis))
+        new_value = graph.call_function(aten.cat.default, ([_restored(graph, v_slots, -2, att), att.value], -2))
+    att.key_user.replace_input_with(att.key, new_key)
+    att.value_user.replace_input_with(att.value, new_value)
+    for edge in att.masks:
+        old = edge.node
+        wide = masks.get((old, edge.fill))
+        if wide is None:
+            with graph.inserting_before(edge.consumer):
+                wide = graph.call_function(widen_key_axis, (old, k_slots, edge.fill))
+            masks[(old, edge.fill)] = wide
+        edge.consumer.update_arg(edge.index, wide)
+    att.key, att.value = new_key, new_value
+    return slots
+
+
+def _canonical(graph: fx.Graph, node: fx.Node, axis: int, att: Attention) -> fx.Node:
+    """``node`` as ``[..., H, S, D]`` (what slot modules see), from ``[..., D, S]`` or ``[B*H, S, D]``."""
+    if axis == -1:
+        node = graph.call_function(aten.transpose.int, (node, -1, -2))
+    if att.layout == "bsd":
+        node = graph.call_function(split_heads, (node, att.key_heads))
+    return node
+
+
+def _restored(graph: fx.Graph, slots: fx.Node, axis: int, att: Attention) -> fx.Node:
+    """Slots ``[..., H, P, D]`` back in the layout of the node they join."""
+    if att.layout == "bsd":
+        slots = graph.call_function(merge_heads, (slots,))
+    if axis == -1:
+        slots = graph.call_function(aten.transpose.int, (slots, -1, -2))
+    return slots
 
 
 def prepend_sequence(graph_module: fx.GraphModule, original: fx.Node, widened: fx.Node, n: int,

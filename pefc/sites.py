@@ -3,9 +3,10 @@
 A site has a module path (from ``nn_module_stack``), a layer index (the first integer in
 that path) and, where the dataflow shows it, a role. Roles come from the graph alone:
 
-- ``attn.q`` / ``attn.k`` / ``attn.v``: the linear whose output reaches that argument of
-  ``scaled_dot_product_attention`` (``attn.qkv`` when one linear feeds all three,
-  ``attn.kv`` when it feeds key and value);
+- ``attn.q`` / ``attn.k`` / ``attn.v``: the linear whose output reaches the queries, keys or
+  values of an attention (``attn.qkv`` when one linear feeds all three, ``attn.kv`` when it
+  feeds key and value), whether the attention is ``scaled_dot_product_attention`` or written
+  out as matmul / softmax / matmul (:mod:`pefc.attention`);
 - ``attn.o``: the first linear reached from the attention output;
 - ``mlp.up`` / ``mlp.gate`` / ``mlp.down``: around an activation function, the linear
   after it (``down``) and the linears feeding it (``gate`` is the one through the activation
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from pefc.attention import Attention, Unread, find_attentions
 from pefc.graphutil import (
     attr_value,
     consumers,
@@ -57,6 +59,7 @@ class Site:
     node: fx.Node
     role: str | None = None
     layer: int | None = None
+    attention_kind: str | None = None  # attention sites and their projections: see pefc.selector
 
     def describe(self) -> str:
         return f"{self.path} ({self.kind}{', @' + self.role if self.role else ''})"
@@ -100,17 +103,55 @@ class LinearSite(Site):
 
 @dataclass(eq=False)
 class AttentionSite(Site):
-    """A ``scaled_dot_product_attention`` call: q ``[B, H, L, D]``, k/v ``[B, H_kv', S, D]``."""
+    """An attention, ``scaled_dot_product_attention`` or written out (``softmax(q k^T ...) v``).
+
+    ``node`` is the attention's output (the SDPA call, or the probabilities-times-values
+    product); :attr:`query`, :attr:`key`, :attr:`value` and :attr:`mask` are the nodes the
+    attention reads in either form, and :attr:`attention` the full
+    :class:`pefc.attention.Attention` (where keys join, every mask or bias over the keys).
+    """
 
     num_heads: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0
     is_causal: bool = False
     has_mask: bool = False
+    attention: Attention | None = None
 
     def __post_init__(self) -> None:
         self.kind = "attention"
         self.role = "attn"
+
+    @property
+    def form(self) -> str:
+        """``"sdpa"`` or ``"eager"`` (written out in ATen ops)."""
+        return self.attention.form if self.attention is not None else "sdpa"
+
+    @property
+    def query(self) -> fx.Node | None:
+        return self.attention.query if self.attention is not None else None
+
+    @property
+    def key(self) -> fx.Node | None:
+        return self.attention.key if self.attention is not None else None
+
+    @property
+    def value(self) -> fx.Node | None:
+        return self.attention.value if self.attention is not None else None
+
+    @property
+    def mask(self) -> fx.Node | None:
+        return self.attention.mask if self.attention is not None else None
+
+
+@dataclass(eq=False)
+class UnreadAttentionSite(Site):
+    """A softmax whose probabilities meet values but whose scores pefc cannot read (``reason`` says why)."""
+
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.kind = "unread attention"
 
 
 @dataclass(eq=False)
@@ -161,11 +202,14 @@ def find_sites(graph_module: fx.GraphModule) -> SiteMap:
     _unique_paths(linears)
     by_output = {s.output: s for s in linears}
     by_node = {s.node: s for s in linears}
-    attentions = [_attention_site(n, by_output, by_node) for n in graph_module.graph.nodes
-                  if n.op == "call_function" and n.target is SDPA]
+    found, unread = find_attentions(graph_module.graph)
+    stops = {a.output for a in found}
+    attentions = [_attention_site(a, by_output, by_node, stops) for a in found]
+    unread_sites = [_unread_site(u) for u in unread]
     embeddings = _embedding_sites(graph_module, params)
-    activations = _ffn_roles(graph_module, by_output, by_node)
-    sites: list[Site] = [*embeddings, *attentions, *linears, *activations]
+    activations = _ffn_roles(graph_module, by_output, by_node, stops)
+    _attention_kinds(attentions, by_output, by_node, stops)
+    sites: list[Site] = [*embeddings, *attentions, *unread_sites, *linears, *activations]
     for site in sites:
         site.layer = layer_of(site.path)
     order = {n: i for i, n in enumerate(graph_module.graph.nodes)}
@@ -268,28 +312,31 @@ def _unique_paths(linears: list[LinearSite]) -> None:
             seen[site.path] = 0
 
 
-def _linears_before(start: Iterable[fx.Node], by_output: dict[fx.Node, LinearSite]) -> list[LinearSite]:
-    """First linear sites on each backward path (stopping at attention and embeddings)."""
-    hits = search(start, producers, lambda n: n in by_output or n.target in (SDPA, EMBEDDING), limit=256)
+def _linears_before(start: Iterable[fx.Node], by_output: dict[fx.Node, LinearSite],
+                    stops: set[fx.Node] = frozenset()) -> list[LinearSite]:  # type: ignore[assignment]
+    """First linear sites on each backward path (stopping at attention outputs and embeddings)."""
+    hits = search(start, producers, lambda n: n in by_output or n in stops or n.target in (SDPA, EMBEDDING),
+                  limit=256)
     return [by_output[n] for n in hits if n in by_output]
 
 
-def _linears_after(start: fx.Node, by_node: dict[fx.Node, LinearSite]) -> list[LinearSite]:
+def _linears_after(start: fx.Node, by_node: dict[fx.Node, LinearSite],
+                   stops: set[fx.Node] = frozenset()) -> list[LinearSite]:  # type: ignore[assignment]
     """First linear sites on each forward path from ``start`` (through its input edge)."""
     def stop(n: fx.Node) -> bool:
-        return n in by_node or n.target is SDPA
+        return n in by_node or n in stops or n.target is SDPA
     hits = search(consumers(start), consumers, stop, limit=256)
     return [by_node[n] for n in hits if n in by_node]
 
 
 # --- attention sites ----------------------------------------------------------------------
 
-def _attention_site(node: fx.Node, by_output: dict[fx.Node, LinearSite],
-                    by_node: dict[fx.Node, LinearSite]) -> AttentionSite:
-    q, k, v = (get_arg(node, name) for name in ("query", "key", "value"))
+def _attention_site(attention: Attention, by_output: dict[fx.Node, LinearSite],
+                    by_node: dict[fx.Node, LinearSite], stops: set[fx.Node]) -> AttentionSite:
+    node, q, k, v = attention.output, attention.query, attention.key, attention.value
     feeds: dict[LinearSite, set[str]] = {}
     for name, arg in (("q", q), ("k", k), ("v", v)):
-        for site in _linears_before([arg], by_output):
+        for site in _linears_before([arg], by_output, stops - {node}):
             feeds.setdefault(site, set()).add(name)
     for site, names in feeds.items():
         if names == {"q", "k", "v"}:
@@ -298,15 +345,20 @@ def _attention_site(node: fx.Node, by_output: dict[fx.Node, LinearSite],
             site.role = "attn.kv"
         elif len(names) == 1:
             site.role = "attn." + next(iter(names))
-    for site in _linears_after(node, by_node):
+    for site in _linears_after(node, by_node, stops - {node}):
         site.role = site.role or "attn.o"
-    q_shape = meta_shape(q) or ()
-    heads = int(q_shape[1]) if len(q_shape) == 4 and isinstance(q_shape[1], int) else 0
+    heads = attention.heads
     head_dim = static_dim(q, -1) or 0
-    kv_heads = _kv_heads(feeds, heads, head_dim) or (static_dim(k, 1) or heads)
+    kv_heads = _kv_heads(feeds, heads, head_dim) or attention.key_heads or heads
     path = module_path(node) or node.name
+    sdpa = attention.form == "sdpa"
     return AttentionSite(path=path, node=node, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                         is_causal=bool(get_arg(node, "is_causal")), has_mask=get_arg(node, "attn_mask") is not None)
+                         is_causal=sdpa and bool(get_arg(node, "is_causal")), has_mask=attention.mask is not None,
+                         attention=attention)
+
+
+def _unread_site(unread: Unread) -> UnreadAttentionSite:
+    return UnreadAttentionSite(path=unread.path, node=unread.node, reason=unread.reason)
 
 
 def _kv_heads(feeds: dict[LinearSite, set[str]], heads: int, head_dim: int) -> int | None:
@@ -352,12 +404,13 @@ def _indexed_by_input(node: fx.Node) -> bool:
 # --- feed-forward blocks --------------------------------------------------------------------
 
 def _ffn_roles(graph_module: fx.GraphModule, by_output: dict[fx.Node, LinearSite],
-               by_node: dict[fx.Node, LinearSite]) -> list[ActivationSite]:
+               by_node: dict[fx.Node, LinearSite], stops: set[fx.Node]) -> list[ActivationSite]:
+    """Activations followed by one down-projection (not through an attention: a softcap ``tanh`` is none)."""
     sites = []
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or node.target not in ACTIVATIONS:
             continue
-        downs = [d for d in _linears_after(node, by_node) if d.role is None or d.role == "mlp.down"]
+        downs = [d for d in _linears_after(node, by_node, stops) if d.role is None or d.role == "mlp.down"]
         if len(downs) != 1:
             continue
         down = downs[0]
@@ -372,3 +425,55 @@ def _ffn_roles(graph_module: fx.GraphModule, by_output: dict[fx.Node, LinearSite
         path = module_path(node) or node.name
         sites.append(ActivationSite(path=path, node=node, role="mlp.act", width=down.in_features))
     return sites
+
+
+# --- attention kinds ------------------------------------------------------------------------
+
+def _attention_kinds(attentions: list[AttentionSite], by_output: dict[fx.Node, LinearSite],
+                     by_node: dict[fx.Node, LinearSite], stops: set[fx.Node]) -> None:
+    """Mark each attention (and its q/k/v/o linears) ``self`` or ``cross``; in a model with
+    cross-attention, its self-attentions ``encoder`` or ``decoder`` (see :mod:`pefc.selector`)."""
+    for site in attentions:
+        site.attention_kind = _self_or_cross(site, by_output, stops - {site.node})
+    crosses = [s for s in attentions if s.attention_kind == "cross"]
+    if crosses:
+        feeding = _ancestors([a for s in crosses for a in (s.key, s.value) if a is not None])
+        for site in attentions:
+            if site.attention_kind == "self":
+                site.attention_kind = "encoder" if site.node in feeding else "decoder"
+    for site in attentions:
+        others = stops - {site.node}
+        for linear in {*_linears_before(_qkv(site), by_output, others), *_linears_after(site.node, by_node, others)}:
+            linear.attention_kind = linear.attention_kind or site.attention_kind
+
+
+def _qkv(site: AttentionSite) -> list[fx.Node]:
+    return [n for n in (site.query, site.key, site.value) if n is not None]
+
+
+def _self_or_cross(site: AttentionSite, by_output: dict[fx.Node, LinearSite], stops: set[fx.Node]) -> str:
+    """``cross`` when the key projection reads another tensor than the query projection (else,
+    without projections, when the key length differs from the query length)."""
+    q, k = site.query, site.key
+    if q is None or k is None:
+        return "self"
+    q_in = {s.input for s in _linears_before([q], by_output, stops)}
+    k_in = {s.input for s in _linears_before([k], by_output, stops)}
+    if q_in and k_in:
+        return "self" if q_in & k_in else "cross"
+    q_shape, k_shape = meta_shape(q), meta_shape(k)
+    if q_shape and k_shape and str(q_shape[-2]) != str(k_shape[-2]):
+        return "cross"
+    return "self"
+
+
+def _ancestors(start: list[fx.Node]) -> set[fx.Node]:
+    """Every node ``start`` depends on."""
+    seen: set[fx.Node] = set()
+    stack = [n for n in start if isinstance(n, fx.Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen

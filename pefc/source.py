@@ -101,7 +101,7 @@ def _build_hf(model: ModelSpec) -> nn.Module:
     hf = model.hf
     assert hf is not None
     if hf.pretrained is not None:
-        return _load_pretrained(transformers, Path(hf.pretrained), hf.class_, model.dtype)
+        return _load_pretrained(transformers, Path(hf.pretrained), hf.class_, model.dtype, hf.attn_implementation)
     cls = _hf_class(transformers, hf.class_)
     config_cls = getattr(cls, "config_class", None)
     if config_cls is None:
@@ -110,11 +110,21 @@ def _build_hf(model: ModelSpec) -> nn.Module:
         config = config_cls(**hf.config)
     except (TypeError, ValueError) as exc:
         raise ModelSourceError(f"model.hf.config is not a valid {config_cls.__name__}: {exc}") from None
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attn_implementation(cls, hf.attn_implementation)
     try:
         return cls(config)
     except Exception as exc:
         raise ModelSourceError(f"transformers.{hf.class_}(config) failed: {type(exc).__name__}: {exc}") from None
+
+
+def attn_implementation(cls: type, asked: str | None) -> str:
+    """The attention implementation to build ``cls`` with: ``asked``, else sdpa where the class has it, else eager."""
+    if asked is not None:
+        if asked == "sdpa" and getattr(cls, "_supports_sdpa", True) is False:
+            raise ModelSourceError(f"model.hf.attn_implementation: {cls.__name__} has no sdpa attention",
+                                   hint="use attn_implementation: eager, or leave it out")
+        return asked
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) is not False else "eager"
 
 
 def _hf_class(transformers: Any, name: str | None) -> type[nn.Module]:
@@ -125,12 +135,13 @@ def _hf_class(transformers: Any, name: str | None) -> type[nn.Module]:
     return cls
 
 
-def _load_pretrained(transformers: Any, path: Path, class_name: str | None, dtype: str) -> nn.Module:
+def _load_pretrained(transformers: Any, path: Path, class_name: str | None, dtype: str,
+                     attention: str | None = None) -> nn.Module:
     config = read_pretrained_config(path)
     class_name = class_name or _architecture(path, config)
     cls = _hf_class(transformers, class_name)
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, attn_implementation="sdpa",
+        return cls.from_pretrained(str(path), local_files_only=True, attn_implementation=attn_implementation(cls, attention),
                                    dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=False)
     except Exception as exc:
         raise ModelSourceError(f"cannot load {class_name} from {path}: {type(exc).__name__}: {exc}") from None

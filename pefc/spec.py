@@ -34,6 +34,9 @@ class HFSource(_Strict):
                                description="transformers class name, e.g. LlamaForCausalLM")
     config: dict[str, Any] = Field(default_factory=dict, description="kwargs of the class's config")
     pretrained: str | None = Field(default=None, description="local directory written by save_pretrained")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        default=None, description="transformers attention implementation (default: sdpa where the class has it, "
+                                  "else eager)")
 
     @model_validator(mode="after")
     def _one_source(self) -> HFSource:

@@ -48,7 +48,9 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     (the spec's ``model`` section), else from ``base_model_name_or_path`` when that is a
     local directory with a ``config.json``; ``model_spec`` is also written into the spec.
     ``name`` names the pefc adapter (default: the method). Transformers models get the
-    inputs ``input_ids`` and ``attention_mask`` ``[batch, seq]``; other modules need
+    inputs ``input_ids`` and ``attention_mask`` ``[batch, seq]`` (encoder-decoders also
+    ``decoder_input_ids`` ``[batch, target]``; vision models ``pixel_values``
+    ``[batch, channels, size, size]``); other modules need
     ``inputs`` (the spec's ``inputs``) and ``example_inputs``. ``trust_code=True`` consents to
     import and call a ``model_spec``'s ``python`` factory (:mod:`pefc.trust`).
     """
@@ -144,18 +146,23 @@ def _spec(entry: dict[str, Any], base: nn.Module, model_spec: ModelSpec | None,
 
 
 def _hf_inputs(base: nn.Module) -> dict[str, Any]:
-    """``input_ids`` + optional ``attention_mask`` for a text model, ``pixel_values`` for a vision one."""
+    """``input_ids`` + optional ``attention_mask`` for a text model (plus ``decoder_input_ids`` for an
+    encoder-decoder), or ``pixel_values`` for a vision one."""
     config = getattr(base, "config", None)
     vocab = getattr(config, "vocab_size", None)
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if not vocab and isinstance(size, int) and isinstance(channels, int):
+    if not vocab and size and isinstance(channels, int):
+        height, width = (size, size) if isinstance(size, int) else size  # position embeddings fix the size
         dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-        return {"pixel_values": {"shape": ["batch", channels, size, size], "dtype": dtype}}
+        return {"pixel_values": {"shape": ["batch", channels, int(height), int(width)], "dtype": dtype}}
     if not vocab:
         raise PefcError(f"{type(base).__name__} is not a transformers model: pass inputs= (the spec's `inputs`) "
                         "and example_inputs= to pefc.interop.peft.load")
-    return {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": int(vocab)},
-            "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2, "optional": True}}
+    inputs = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": int(vocab)},
+              "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2, "optional": True}}
+    if getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = {"shape": ["batch", "target"], "dtype": "int64", "high": int(vocab)}
+    return inputs
 
 
 def _warn_sliding_window(base: nn.Module) -> None:

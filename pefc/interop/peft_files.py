@@ -109,10 +109,11 @@ def check_supported(checkpoint: PeftCheckpoint) -> None:
     if checkpoint.peft_type == "LORA" and bias not in (None, "none"):
         raise CheckpointError(f"{where}: `bias: {bias!r}` (trained base biases) has no pefc equivalent; "
                               "pefc imports LoRA with bias: none")
-    if checkpoint.get("num_transformer_submodules", 1) != 1:
+    submodules = checkpoint.get("num_transformer_submodules", 1)
+    if submodules != 1 and not (submodules == 2 and checkpoint.peft_type == "PREFIX_TUNING"):
         raise CheckpointError(f"{where}: num_transformer_submodules is "
                               f"{checkpoint.config['num_transformer_submodules']} (an encoder-decoder model); "
-                              "pefc supports prompt and prefix tuning on one stack of layers")
+                              "pefc imports prefix tuning on encoder-decoders, prompt tuning on one stack of layers")
 
 
 def peft_key(module_path: str, leaf: str) -> str:

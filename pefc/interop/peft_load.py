@@ -49,6 +49,8 @@ def adapter_entry(checkpoint: PeftCheckpoint, base: nn.Module, name: str,
     if method in ("prefix", "prompt"):
         _expect_keys(checkpoint, {"prompt_embeddings"})
         entry = {"name": name, "method": method, "num_virtual_tokens": int(checkpoint.required("num_virtual_tokens"))}
+        if method == "prefix" and _seq2seq(checkpoint):  # PEFT prefixes the decoder's self-attention only
+            entry["target"] = ["@attn[decoder]"]
         return entry, []
     leaves = ("ia3_l",) if method == "ia3" else LORA_LEAVES
     modules = adapted_modules(checkpoint, base, leaves)
@@ -273,6 +275,25 @@ def _prompt_tensors(checkpoint: PeftCheckpoint, model: Any, insertions: list[Any
     return {f"{ins.module}.prompt_embeddings": checkpoint.tensors["prompt_embeddings"]}
 
 
+def _seq2seq(checkpoint: PeftCheckpoint) -> bool:
+    """An encoder-decoder's prompt-learning checkpoint (PEFT: ``num_transformer_submodules: 2``)."""
+    return checkpoint.config.get("num_transformer_submodules") == 2
+
+
+def _prefix_rows(checkpoint: PeftCheckpoint, layers: int) -> list[tuple[int, int]]:
+    """``(key row, value row)`` of PEFT's table for each prefixed layer, as ``PeftModel.get_prompt`` reads them.
+
+    The table holds ``layers * 2`` rows of ``d_kv`` (layer-major, key then value). For an
+    encoder-decoder PEFT concatenates the rows with themselves and gives decoder layer ``i``
+    rows ``4 i`` and ``4 i + 1`` of that list (its rows ``4 i + 2``, ``4 i + 3`` go to the
+    cross-attention cache, which PEFT then empties).
+    """
+    if not _seq2seq(checkpoint):
+        return [(2 * i, 2 * i + 1) for i in range(layers)]
+    rows = list(range(2 * layers)) * 2
+    return [(rows[4 * i], rows[4 * i + 1]) for i in range(layers)]
+
+
 def _prefix_tensors(checkpoint: PeftCheckpoint, model: Any, insertions: list[Any]) -> dict[str, torch.Tensor]:
     """Split PEFT's ``[P, layers*2*d_kv]`` table (layer-major, keys then values) per attention."""
     table = checkpoint.tensors["prompt_embeddings"]
@@ -290,10 +311,9 @@ def _prefix_tensors(checkpoint: PeftCheckpoint, model: Any, insertions: list[Any
             f"{config.get('num_attention_heads')}, but the base model has {len(modules)} attention layers with "
             f"{heads} key/value heads of width {width} (needs {want}; was it saved for another model?)")
     out = {}
-    for index, ins in enumerate(insertions):
-        start = 2 * index * width
-        out[f"{ins.module}.prefix_key"] = table[:, start:start + width]
-        out[f"{ins.module}.prefix_value"] = table[:, start + width:start + 2 * width]
+    for ins, (key, value) in zip(insertions, _prefix_rows(checkpoint, len(insertions)), strict=True):
+        out[f"{ins.module}.prefix_key"] = table[:, key * width:(key + 1) * width]
+        out[f"{ins.module}.prefix_value"] = table[:, value * width:(value + 1) * width]
     return out
 
 

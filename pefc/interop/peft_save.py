@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from pefc.attention import find_attentions
 from pefc.errors import PefcError
 from pefc.interop.peft_files import PREFIX, peft_key
 from pefc.interop.peft_load import by_layer, peft_pattern_value
-from pefc.sequence import SDPA
 from pefc.sites import LinearSite
 
 PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
@@ -152,7 +152,7 @@ def _ia3(model: Any, insertions: list[Any]) -> tuple[dict[str, Any], dict[str, A
 
 
 def _prefix(model: Any, config: Any, insertions: list[Any], projection: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    attentions = sum(1 for n in model.graph.nodes if n.target is SDPA)
+    attentions = len(find_attentions(model.graph)[0])
     if len(insertions) != attentions:
         raise PefcError(f"adapter {config.name!r} (prefix) covers {len(insertions)} of the model's {attentions} "
                         "attentions; HF PEFT's prefix tuning covers every layer")

@@ -71,7 +71,7 @@ class Prefix(pefc.Method):
         from pefc_plugins.prefix.modules import PrefixEncoder, PrefixKV
 
         length = config.num_virtual_tokens
-        ctx.offset_positions(length)
+        ctx.offset_positions(length, sites)  # type: ignore[arg-type]
         table = None
         if config.projection is not None:
             width = _kv_width(sites[0])  # type: ignore[arg-type]
