@@ -69,8 +69,6 @@ ROWS = [
     Row("llama", "LlamaForCausalLM", GQA, "llama"),
     Row("llama-eager", "LlamaForCausalLM", GQA, "llama", attn="eager"),
     Row("mistral", "MistralForCausalLM", {**GQA, "sliding_window": None}, "mistral"),
-    Row("mixtral", "MixtralForCausalLM", {**GQA, "sliding_window": None, "num_local_experts": 2,
-                                          "num_experts_per_tok": 1}, "mixtral"),
     Row("qwen2", "Qwen2ForCausalLM", GQA, "qwen2"),
     Row("qwen3", "Qwen3ForCausalLM", {**GQA, "head_dim": 8}, "qwen3"),
     Row("gemma", "GemmaForCausalLM", {**GQA, "head_dim": 8}, "gemma"),
