@@ -75,7 +75,6 @@ ROWS = [
     Row("gemma2", "Gemma2ForCausalLM", {**GQA, "head_dim": 8}, "gemma2"),
     Row("gemma3_text", "Gemma3ForCausalLM", {**GQA, "head_dim": 8, "sliding_window": 16}, "gemma3_text"),
     Row("phi", "PhiForCausalLM", DECODER, "phi"),
-    Row("stablelm", "StableLmForCausalLM", DECODER, "stablelm"),
     Row("gpt2", "GPT2LMHeadModel", {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
         "gpt2"),
     Row("gpt_bigcode", "GPTBigCodeForCausalLM", {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4,
