@@ -166,6 +166,7 @@ def test_roles_and_peft_lora(row: Row, tmp_path):
                        "adapters": [{"name": "roles", "method": "lora", "r": 2, "target": ["@" + r for r in roles]}]})
     picked = {i.site_path for i in pefc.compile(spec).pefc.insertions}
     RESULTS[row.name] = (picked == lora_modules(reference), diff)
+    print(f"matrix row {row.name}: roles ok {picked == lora_modules(reference)}, max |diff| {diff:.1e}")
     assert picked == lora_modules(reference), f"{row.name}: roles {roles} pick {sorted(picked)}"
     assert diff < ATOL, f"{row.name}: max |diff| {diff}"
     assert max_diff(base, loaded) > 1e-3  # the adapter does something
@@ -212,4 +213,5 @@ def test_hand_written_attention_roles_and_peft_lora(tmp_path):
     loaded = interop.load(tmp_path, base, inputs=HF_INPUTS, example_inputs=example)
     diff = max_diff(reference, loaded)
     RESULTS["hand-written"] = (True, diff)
+    print(f"matrix row hand-written: roles ok True, max |diff| {diff:.1e}")
     assert diff < ATOL
