@@ -133,7 +133,7 @@ def attention_outputs(graph: fx.Graph) -> set[fx.Node]:
 def _sdpa(node: fx.Node) -> Attention:
     q, k, v = (get_arg(node, name) for name in ("query", "key", "value"))
     return Attention(form="sdpa", output=node, query=q, key=k, value=v, key_user=node, value_user=node,
-                     heads=_heads(q), key_heads=_heads(k), layout=_layout(q))
+                     heads=heads_of(q), key_heads=heads_of(k), layout=_layout(q))
 
 
 # --- written out ------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _eager(softmax: fx.Node) -> Attention | Unread | None:
     masks = [m for m in masks if _has_key_axis(m.node)]
     return Attention(form="eager", output=product, query=query, key=key, value=value, key_user=key_user,
                      value_user=product, key_axis=key_axis, value_axis=value_axis, masks=masks, scores=scores,
-                     softmax=softmax, pinned=pinned, heads=_heads(query), key_heads=_heads(key), layout=_layout(query))
+                     softmax=softmax, pinned=pinned, heads=heads_of(query), key_heads=heads_of(key), layout=_layout(query))
 
 
 def _probs_product(node: fx.Node, pinned: list[fx.Node], depth: int = 0
@@ -331,7 +331,7 @@ def _pins_last(reshape: fx.Node) -> bool:
     return isinstance(sizes, (list, tuple)) and bool(sizes) and sizes[-1] != -1
 
 
-def _heads(node: Any) -> int:
+def heads_of(node: Any) -> int:
     """Heads of a ``[B, H, S, D]`` tensor, or of a ``[B*H, S, D]`` one whose batch dim reads ``H*batch``."""
     shape = meta_shape(node) or ()
     if len(shape) == 4 and isinstance(shape[1], int):

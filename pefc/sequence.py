@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from pefc.attention import Attention, find_attentions
+from pefc.attention import Attention, find_attentions, heads_of
 from pefc.errors import PluginError
 from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
 
@@ -295,21 +295,23 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
                           "keys cannot join this attention")
     if att.value_axis != -2:
         raise PluginError(f"attention {where}: the values carry the key positions in dim {att.value_axis}, not -2")
-    if att.layout == "bsd" and not att.key_heads:
-        raise PluginError(f"attention {where}: keys are [batch*heads, S, D] and the graph does not tell the heads")
+    for node in (att.key, att.value):
+        if len(meta_shape(node) or ()) == 3 and not heads_of(node):
+            raise PluginError(f"attention {where}: {node.name} is [batch*heads, S, D] and the graph does not tell "
+                              "the heads")
     assert att.scores is not None
     order = {n: i for i, n in enumerate(graph.nodes)}
     if order[att.value] > order[att.key_user]:
         raise PluginError(f"attention {where}: its values are computed after its scores; cannot join both there")
     with graph.inserting_before(att.key_user):
-        key = _canonical(graph, att.key, att.key_axis, att)
-        value = _canonical(graph, att.value, -2, att)
+        key = _canonical(graph, att.key, att.key_axis)
+        value = _canonical(graph, att.value, -2)
         slots = make_slots(key, value)
         k_slots = graph.call_function(operator.getitem, (slots, 0))
         v_slots = graph.call_function(operator.getitem, (slots, 1))
-        new_key = graph.call_function(aten.cat.default, ([_restored(graph, k_slots, att.key_axis, att), att.key],
+        new_key = graph.call_function(aten.cat.default, ([_restored(graph, k_slots, att.key, att.key_axis), att.key],
                                                          att.key_axis))
-        new_value = graph.call_function(aten.cat.default, ([_restored(graph, v_slots, -2, att), att.value], -2))
+        new_value = graph.call_function(aten.cat.default, ([_restored(graph, v_slots, att.value, -2), att.value], -2))
     att.key_user.replace_input_with(att.key, new_key)
     att.value_user.replace_input_with(att.value, new_value)
     for edge in att.masks:
@@ -324,18 +326,19 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
     return slots
 
 
-def _canonical(graph: fx.Graph, node: fx.Node, axis: int, att: Attention) -> fx.Node:
+def _canonical(graph: fx.Graph, node: fx.Node, axis: int) -> fx.Node:
     """``node`` as ``[..., H, S, D]`` (what slot modules see), from ``[..., D, S]`` or ``[B*H, S, D]``."""
+    heads = heads_of(node) if len(meta_shape(node) or ()) == 3 else 0
     if axis == -1:
         node = graph.call_function(aten.transpose.int, (node, -1, -2))
-    if att.layout == "bsd":
-        node = graph.call_function(split_heads, (node, att.key_heads))
+    if heads:
+        node = graph.call_function(split_heads, (node, heads))
     return node
 
 
-def _restored(graph: fx.Graph, slots: fx.Node, axis: int, att: Attention) -> fx.Node:
-    """Slots ``[..., H, P, D]`` back in the layout of the node they join."""
-    if att.layout == "bsd":
+def _restored(graph: fx.Graph, slots: fx.Node, like: fx.Node, axis: int) -> fx.Node:
+    """Slots ``[..., H, P, D]`` back in the layout of ``like``, the node they join."""
+    if len(meta_shape(like) or ()) == 3:
         slots = graph.call_function(merge_heads, (slots,))
     if axis == -1:
         slots = graph.call_function(aten.transpose.int, (slots, -1, -2))

@@ -70,15 +70,12 @@ ROWS = [
     Row("llama", "LlamaForCausalLM", GQA, "llama"),
     Row("llama-eager", "LlamaForCausalLM", GQA, "llama", attn="eager"),
     Row("mistral", "MistralForCausalLM", {**GQA, "sliding_window": None}, "mistral"),
-    Row("mixtral", "MixtralForCausalLM", {**GQA, "sliding_window": None, "num_local_experts": 2,
-                                          "num_experts_per_tok": 1}, "mixtral"),
     Row("qwen2", "Qwen2ForCausalLM", GQA, "qwen2"),
     Row("qwen3", "Qwen3ForCausalLM", {**GQA, "head_dim": 8}, "qwen3"),
     Row("gemma", "GemmaForCausalLM", {**GQA, "head_dim": 8}, "gemma"),
     Row("gemma2", "Gemma2ForCausalLM", {**GQA, "head_dim": 8}, "gemma2"),
     Row("gemma3_text", "Gemma3ForCausalLM", {**GQA, "head_dim": 8, "sliding_window": 16}, "gemma3_text"),
     Row("phi", "PhiForCausalLM", DECODER, "phi"),
-    Row("stablelm", "StableLmForCausalLM", DECODER, "stablelm"),
     Row("gpt2", "GPT2LMHeadModel", {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
         "gpt2"),
     Row("gpt_bigcode", "GPTBigCodeForCausalLM", {"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4,
@@ -185,6 +182,7 @@ def test_roles_and_peft_lora(row: Row, tmp_path):
                        "adapters": [{"name": "roles", "method": "lora", "r": 2, "target": ["@" + r for r in roles]}]})
     picked = {i.site_path for i in pefc.compile(spec).pefc.insertions}
     RESULTS[row.name] = (picked == lora_modules(reference), diff)
+    print(f"matrix row {row.name}: roles ok {picked == lora_modules(reference)}, max |diff| {diff:.1e}")
     assert picked == lora_modules(reference), f"{row.name}: roles {roles} pick {sorted(picked)}"
     assert diff < ATOL, f"{row.name}: max |diff| {diff}"
     assert max_diff(base, loaded, batch_of) > 1e-3  # the adapter does something
@@ -231,4 +229,5 @@ def test_hand_written_attention_roles_and_peft_lora(tmp_path):
     loaded = interop.load(tmp_path, base, inputs=HF_INPUTS, example_inputs=example)
     diff = max_diff(reference, loaded)
     RESULTS["hand-written"] = (True, diff)
+    print(f"matrix row hand-written: roles ok True, max |diff| {diff:.1e}")
     assert diff < ATOL

@@ -1,0 +1,124 @@
+"""Attention written out in ATen ops is an AttentionSite like SDPA: roles, prefix tuning, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import batch
+from torch import nn
+
+import pefc
+from pefc.source import build_model
+from pefc.spec import ModelSpec, parse_spec
+
+peft = pytest.importorskip("peft")
+
+LLAMA_EAGER = {"hf": {"class": "LlamaForCausalLM", "attn_implementation": "eager", "config": {
+    "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0}}}
+INPUTS = {"x": {"shape": ["batch", "seq", 16], "dtype": "float32"}}
+
+
+@pytest.fixture(scope="module")
+def llama_eager():
+    return build_model(ModelSpec.model_validate(LLAMA_EAGER)).eval()
+
+
+def test_prefix_on_eager_llama_matches_peft(llama_eager):
+    from test_prefix_matches_peft import compile_prefix, copy_from_peft, peft_prefix
+
+    assert llama_eager.config._attn_implementation == "eager"
+    reference = peft_prefix(llama_eager, "llama", projection=False)
+    compiled = compile_prefix(llama_eager).eval()
+    copy_from_peft(compiled, reference)
+    for shape in [(3, 5), (1, 11)]:
+        inputs = batch(*shape, pad=True)
+        with torch.no_grad():
+            want, got, plain = reference(**inputs).logits, compiled(**inputs).logits, llama_eager(**inputs).logits
+        assert (want - got).abs().max() < 1e-5
+        assert (plain - got).abs().max() > 1e-2
+
+
+class Scores(nn.Module):
+    """One attention layer whose scores take a form given by ``kind``; ``prefix=(k, v)`` is the eager reference."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.bias = nn.Parameter(torch.randn(2, 1, 1))  # per-head slope (ALiBi-like)
+
+    def forward(self, x: torch.Tensor, prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (f(x).view(b, s, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        p = 0 if prefix is None else prefix[0].shape[-2]
+        if prefix is not None:
+            k, v = torch.cat([prefix[0], k], -2), torch.cat([prefix[1], v], -2)
+        rel = torch.arange(s, device=x.device)[None, :] - torch.arange(s, device=x.device)[:, None]
+        rel = nn.functional.pad(rel.float(), (p, 0))  # the prefix gets zero bias
+        causal = nn.functional.pad(torch.ones(s, s, dtype=torch.bool).tril(), (p, 0), value=True)
+        if self.kind == "t5":  # no scaling, relative position bias
+            scores = torch.matmul(q, k.transpose(3, 2)) + self.bias * rel
+        elif self.kind == "alibi":  # baddbmm over [B*H, S, D]
+            bias = (self.bias * rel).expand(b, 2, s, s + p).reshape(b * 2, s, s + p)
+            scores = torch.baddbmm(bias, q.reshape(b * 2, s, 8), k.reshape(b * 2, s + p, 8).transpose(1, 2),
+                                   beta=1.0, alpha=8 ** -0.5).view(b, 2, s, -1)
+        elif self.kind == "softcap":  # scaled queries, causal where(), tanh softcapping
+            scores = torch.where(causal, torch.tanh((q * 8 ** -0.5) @ k.transpose(-1, -2) / 5.0) * 5.0, -1e9)
+        elif self.kind == "einsum":
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k).masked_fill(~causal, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        a = torch.matmul(nn.functional.dropout(probs, 0.0, self.training), v)
+        return self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+KINDS = ["t5", "alibi", "softcap", "einsum"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_forms_are_attention_sites_and_take_prefixes(kind):
+    model = Scores(kind).eval()
+    spec = parse_spec({"version": 1, "inputs": INPUTS, "adapters": [
+        {"name": "pfx", "method": "prefix", "num_virtual_tokens": 3},
+        {"name": "qv", "method": "lora", "r": 2, "target": ["@attn.q", "@attn.k", "@attn.v", "@attn.o"]}]})
+    compiled = pefc.compile(spec, model=model, example_inputs={"x": torch.randn(2, 6, 16)}).eval()
+    roles = {i.site_path: i.site_role for i in compiled.pefc.insertions if i.adapter == "qv"}
+    assert roles == {"q": "attn.q", "k": "attn.k", "v": "attn.v", "o": "attn.o"}
+    assert [i.site_role for i in compiled.pefc.insertions if i.adapter == "pfx"] == ["attn"]
+    slots = next(compiled.get_submodule(i.module) for i in compiled.pefc.insertions if i.adapter == "pfx")
+    pk, pv = (t.view(3, 2, 8).transpose(0, 1)[None] for t in (slots.prefix_key, slots.prefix_value))
+    with torch.no_grad():
+        for b, s in [(3, 5), (1, 1)]:
+            x = torch.randn(b, s, 16)
+            want = model(x, prefix=(pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)))
+            assert (compiled(x=x) - want).abs().max() < 1e-5, f"{kind} {(b, s)}"
+
+
+class Unreadable(nn.Module):
+    """Scores as a broadcast product and a sum: no matmul pefc could read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
+        return torch.softmax(scores, dim=-1) @ v
+
+
+def test_unreadable_attention_names_the_module():
+    spec = parse_spec({"version": 1, "inputs": INPUTS, "adapters": [{"name": "pfx", "method": "prefix"}]})
+    with pytest.raises(pefc.TargetError, match=r"'@attn' covers module .*attention pefc cannot read: the scores"):
+        pefc.compile(spec, model=Unreadable(), example_inputs={"x": torch.randn(2, 6, 16)})
+
+
+def test_selector_matching_nothing_on_eager_model_lists_every_role(llama_eager):
+    spec = parse_spec({"version": 1, "inputs": {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100}},
+                       "adapters": [{"name": "x", "method": "lora", "target": ["@attn.qq"]}]})
+    with pytest.raises(pefc.TargetError) as info:
+        pefc.compile(spec, model=llama_eager, example_inputs={"input_ids": torch.randint(3, 100, (2, 8))})
+    message = str(info.value)
+    for role in ("@attn.q", "@attn.k", "@attn.v", "@attn.o", "@mlp.up", "@mlp.gate", "@mlp.down"):
+        assert role in message
