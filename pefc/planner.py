@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 import torch
@@ -230,9 +230,18 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def _signature(site: Site) -> tuple[Any, ...]:
-    """What identifies a site apart from its graph node."""
-    return tuple((f.name, getattr(site, f.name)) for f in fields(site)
-                 if not isinstance(getattr(site, f.name), torch.fx.Node))
+    """What identifies a site apart from its graph nodes."""
+    return _graph_free(site)
+
+
+def _graph_free(value: Any) -> Any:
+    """``value`` with every graph node left out (a dataclass as its fields, a list as its items)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return tuple((f.name, _graph_free(getattr(value, f.name))) for f in fields(value)
+                     if not isinstance(getattr(value, f.name), torch.fx.Node))
+    if isinstance(value, (list, tuple)):
+        return tuple(_graph_free(v) for v in value if not isinstance(v, torch.fx.Node))
+    return value
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -78,7 +78,10 @@ def test_plan_sites_equal_a_full_capture_on_every_attribute_but_the_node():
 
 
 def _site_fields(site: pefc.Site) -> dict[str, Any]:
-    return {k: v for k, v in vars(site).items() if not isinstance(v, torch.fx.Node)}
+    """Every attribute but the graph's nodes (an attention's record keeps its form, axes and heads)."""
+    from pefc.planner import _graph_free
+
+    return {k: _graph_free(v) for k, v in vars(site).items() if not isinstance(v, torch.fx.Node)}
 
 
 def test_plan_names_the_stack_it_replicated_and_allocates_nothing():
