@@ -28,6 +28,7 @@ from pefc.spec import SpecBase
 from pefc.suggest import closest, did_you_mean
 
 Issue = tuple[list[Any], str]
+TYPO_CUTOFF = 0.8  # difflib ratio above which an unknown config key is taken for a misspelt declared one
 
 
 def source_issues(spec: SpecBase) -> list[Issue]:
@@ -55,7 +56,7 @@ def source_issues(spec: SpecBase) -> list[Issue]:
     issues = [(["model", "hf", "config", key], f"{config_name} has no parameter {key!r} (transformers would "
                f"ignore it); did you mean {guess}?")
               for key in hf.config if keys is not None and key not in keys
-              and (guess := closest(key, sorted(keys), cutoff=0.8))]
+              and (guess := closest(key, sorted(keys), cutoff=TYPO_CUTOFF))]
     signature = hfsource.forward_signature(name)
     if signature is not None:
         issues += _unknown_inputs(name, list(signature.names), signature.var_keyword, spec)
@@ -139,10 +140,12 @@ def _config_issues(cls: type, values: dict[str, Any]) -> list[Issue]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return [(["model", "hf", "config"], f"not a valid {config_cls.__name__}: {first[:300]}")]
     public = sorted(k for k in known if not k.startswith("_"))
+    # a stored key close to a declared one is a typo; one that is not may be read by the model's own code
+    # (T5 reads config.decoder_start_token_id), so it is left alone
     return [(["model", "hf", "config", key],
-             f"{config_cls.__name__} has no parameter {key!r} (transformers would ignore it)"
-             f"{did_you_mean(key, public, cutoff=0.7)}")
-            for key in unknown if key in stored and key not in default]
+             f"{config_cls.__name__} has no parameter {key!r} (transformers would ignore it){hint}")
+            for key in unknown if key in stored and key not in default
+            and (hint := did_you_mean(key, public, cutoff=TYPO_CUTOFF))]
 
 
 def _config_keys(config_cls: type) -> set[str]:
