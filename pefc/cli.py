@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="verification tolerance (default by dtype)")
     p.add_argument("--external-data", action="store_true", help="weights in MODEL.onnx.data (automatic > 1.5 GB)")
 
+    p = sub.add_parser("export-hf", help="fold every adapter; write a transformers save_pretrained directory")
+    p.add_argument("spec")
+    p.add_argument("--adapters", metavar="DIR", help="adapter checkpoint to load (default: fresh adapters)")
+    p.add_argument("-o", "--output", required=True, metavar="HF_DIR")
+
     p = sub.add_parser("export-adapter", help="write LoRA adapters as an ONNX Runtime .onnx_adapter file")
     p.add_argument("spec")
     p.add_argument("--adapters", required=True, metavar="DIR")
@@ -87,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
+    p.add_argument("--generate", action="store_true",
+                   help="generation tokens/s instead: pefc (unmerged, merged), HF PEFT, base HF; batch 1 and 8")
 
     p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
     p.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -278,6 +285,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export-hf")
+def _export_hf(args: argparse.Namespace) -> int:
+    model = _compiled_with_adapters(args.spec, args.adapters)
+    out = model.save_merged(args.output)
+    print(f"wrote {out}/config.json, {out}/model.safetensors and {out}/generation_config.json "
+          "(load with transformers AutoModelForCausalLM.from_pretrained(DIR))")
+    return 0
+
+
 @command("export-adapter")
 def _export_adapter(args: argparse.Namespace) -> int:
     from pefc.export import export_lora_adapter
@@ -293,6 +309,12 @@ def _bench(args: argparse.Namespace) -> int:
     import pefc
     from pefc.bench import run_bench
 
+    if args.generate:
+        from pefc.genbench import run_generate_bench, table
+
+        result = run_generate_bench(pefc.load_spec(args.spec), device=args.device, compare_peft=not args.no_peft)
+        _print_json(result) if args.json else print(table(result))
+        return 0
     dims = {}
     for item in args.dims:
         name, _, size = item.partition("=")

@@ -107,7 +107,7 @@ def _base_capture(model: Any) -> tuple[fx.GraphModule, tuple[int, int, int]]:
     key = json.dumps([info.get("class"), info.get("hf_config"), str(device), str(dtype)], sort_keys=True, default=str)
     found = _BASE_CAPTURES.get(key)
     if found is None:
-        base = _base_model(model)
+        base = rebuild_base(model)
         shape = _cache_shape(base, model)
         found = (_capture(model, base, *shape), shape)
         del base
@@ -129,7 +129,7 @@ def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return tensor.device, tensor.dtype
 
 
-def _base_model(model: Any) -> nn.Module:
+def rebuild_base(model: Any) -> nn.Module:
     """A fresh instance of the base architecture (its weights are replaced by ``model``'s)."""
     info = model.pefc.base_info
     config = info.get("hf_config")
