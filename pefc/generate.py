@@ -26,14 +26,15 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None,
-             generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool | None = None) -> torch.Tensor:
     """``[batch, seq + n]``: ``input_ids`` followed by up to ``max_new_tokens`` tokens per row.
 
     Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` in that order, drawn
     with ``generator`` or a fresh one seeded with ``seed``). A row stops at an
     ``eos_token_id`` (default: the model's; ``[]`` never stops) and is filled with
     ``pad_token_id`` (default: the model's, else the first eos) until every row has stopped
-    or ``max_new_tokens`` are made. ``use_cache=False`` recomputes the full sequence each step.
+    or ``max_new_tokens`` are made. ``use_cache`` (default: for transformers models) decodes on
+    a KV cache; ``use_cache=False`` recomputes the full sequence each step.
     """
     _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     info = model.pefc.base_info
@@ -47,6 +48,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
     tokens, lengths = _left_align(input_ids, mask, max_new_tokens)
     done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
+    if use_cache is None:
+        use_cache = "hf_config" in info  # a plain torch module has no cache protocol to capture
     cached = _CachedSteps(model, tokens, lengths, max_new_tokens) if use_cache and max_new_tokens else None
     logits = cached.first if cached is not None else None
     for _ in range(max_new_tokens):

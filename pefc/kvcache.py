@@ -134,13 +134,15 @@ def rebuild_base(model: Any) -> nn.Module:
     info = model.pefc.base_info
     config = info.get("hf_config")
     if config is None:
-        raise PefcError(f"generate with a KV cache needs a transformers causal LM; {info.get('class')} is not one",
+        raise PefcError(f"generate with a KV cache needs a causal LM returning logits; {info.get('class')} is not "
+                        "a transformers causal LM",
                         hint="pass use_cache=False to recompute the full sequence each step")
     import transformers
 
     cls = getattr(transformers, str(info.get("class")), None)
-    if cls is None or not callable(getattr(cls, "generate", None)):
-        raise PefcError(f"{info.get('class')} is not a transformers causal LM; generate needs one")
+    if cls is None or not callable(getattr(cls, "can_generate", None)) or not cls.can_generate():
+        raise PefcError(f"generate needs a causal LM returning logits; {info.get('class')} is not a transformers "
+                        "causal LM")
     values = dict(config)
     built = transformers.AutoConfig.for_model(values.pop("model_type"), **values)
     device, dtype = _placement(model)

@@ -21,7 +21,7 @@ from pefc.spec import parse_spec
 ADAPTERS = {
     "lora": [{"name": "a", "method": "lora", "target": ["@attn.o", "@mlp.down"], "r": 4}],
     "dora": [{"name": "a", "method": "dora", "target": ["@attn.o"], "r": 4}],
-    "ia3": [{"name": "a", "method": "ia3"}],
+    "ia3": [{"name": "a", "method": "ia3", "target": ["@attn.o", "@mlp.down"]}],
     "adapter": [{"name": "a", "method": "adapter", "size": 8}],
     "prefix": [{"name": "a", "method": "prefix", "num_virtual_tokens": 3}],
     "prompt": [{"name": "a", "method": "prompt", "num_virtual_tokens": 4}],
