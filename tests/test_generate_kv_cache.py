@@ -59,7 +59,7 @@ def test_adapters_are_shared_with_the_decode_graph(llama_lora):
     assert dec.step.get_submodule("a") is llama_lora.get_submodule("a")
     before = llama_lora.generate(batch(1, 4)["input_ids"], 4, eos_token_id=[])
     with torch.no_grad():
-        llama_lora.get_parameter("a.model.layers.0.self_attn.v_proj.lora_B").mul_(-3)
+        llama_lora.get_parameter("a.model.layers.0.self_attn.o_proj.lora_B").mul_(-3)
     after = llama_lora.generate(batch(1, 4)["input_ids"], 4, eos_token_id=[])
     assert kvcache.decoder(llama_lora) is dec  # a weight update needs no rebuild
     assert torch.equal(after, llama_lora.generate(batch(1, 4)["input_ids"], 4, eos_token_id=[], use_cache=False))
