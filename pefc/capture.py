@@ -42,10 +42,11 @@ class TrainingFlag(nn.Module):
 
 def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dict[str, list[int]],
             *, name: str | None = None) -> fx.GraphModule:
-    """Export ``model(**inputs)`` with ``dynamic_dims[input] = [dim indices]`` dynamic."""
+    """Export ``model(**inputs)`` with ``dynamic_dims[input] = [dim indices]`` dynamic
+    (in every tensor of an input that is a tuple of tensors, e.g. a KV cache)."""
     name = name or type(model).__name__
     sources = fxsource.mark()
-    dynamic_shapes = {key: {i: Dim.DYNAMIC for i in dynamic_dims.get(key, [])} or None for key in inputs}
+    dynamic_shapes = {key: _dynamic(inputs[key], dynamic_dims.get(key, [])) for key in inputs}
     with _capture_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         def export() -> torch.export.ExportedProgram:
@@ -68,6 +69,12 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
     simplify(graph_module, _device_of(model, inputs))
     fxsource.forget_since(sources, keep=graph_module)  # code of the modules export made on the way
     return graph_module
+
+
+def _dynamic(value: Any, dims: list[int]) -> Any:
+    if isinstance(value, (tuple, list)):
+        return type(value)(_dynamic(v, dims) for v in value)
+    return {i: Dim.DYNAMIC for i in dims} or None
 
 
 def module_device(module: nn.Module) -> torch.device | None:

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-error", type=float, default=0.05, metavar="ABS",
                    help="with --quantize: warn when max |delta logits| exceeds this (default 0.05)")
 
+    p = sub.add_parser("export-hf", help="fold every adapter; write a transformers save_pretrained directory")
+    p.add_argument("spec")
+    p.add_argument("--adapters", metavar="DIR", help="adapter checkpoint to load (default: fresh adapters)")
+    p.add_argument("-o", "--output", required=True, metavar="HF_DIR")
+
     p = sub.add_parser("export-adapter", help="write LoRA adapters as an ONNX Runtime .onnx_adapter file")
     p.add_argument("spec")
     p.add_argument("--adapters", required=True, metavar="DIR")
@@ -95,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
     p.add_argument("--quantized", choices=["nf4", "int8"], metavar="METHOD",
                    help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
+    p.add_argument("--generate", action="store_true",
+                   help="generation tokens/s instead: pefc (unmerged, merged), HF PEFT, base HF; batch 1 and 8")
 
     p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
     p.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -125,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: verbs that build the spec's model: a `model.python` spec runs its code only with --trust-code
-MODEL_VERBS = ("inspect", "compile", "export", "export-adapter", "export-peft", "bench", "import-peft")
+MODEL_VERBS = ("inspect", "compile", "export", "export-adapter", "export-hf", "export-peft", "bench", "import-peft")
 
 
 def _add_common_flags(sub: Any) -> None:
@@ -317,6 +324,15 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("export-hf")
+def _export_hf(args: argparse.Namespace) -> int:
+    model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
+    out = model.save_merged(args.output)
+    print(f"wrote {out}/config.json, {out}/model.safetensors and {out}/generation_config.json "
+          "(load with transformers AutoModelForCausalLM.from_pretrained(DIR))")
+    return 0
+
+
 @command("export-adapter")
 def _export_adapter(args: argparse.Namespace) -> int:
     from pefc.export import export_lora_adapter
@@ -332,6 +348,13 @@ def _bench(args: argparse.Namespace) -> int:
     import pefc
     from pefc.bench import run_bench
 
+    if args.generate:
+        from pefc.genbench import run_generate_bench, table
+
+        result = run_generate_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device,
+                                    compare_peft=not args.no_peft)
+        _print_json(result) if args.json else print(table(result))
+        return 0
     dims = {}
     for item in args.dims:
         name, _, size = item.partition("=")

@@ -337,13 +337,19 @@ class CompiledModel(fx.GraphModule):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options: Any) -> torch.Tensor:
         """Continue ``input_ids`` (causal LMs): greedy, or sampled with ``do_sample=True``.
 
-        Recomputes the full sequence through the graph each step (no KV cache); see
-        :func:`pefc.generate.generate` for ``attention_mask``, ``temperature``, ``top_k``,
+        One prefill, then one decode step per token on a KV cache (``use_cache=False``
+        recomputes the full sequence); see :func:`pefc.generate.generate` for ``attention_mask``, ``temperature``, ``top_k``,
         ``top_p``, ``seed`` / ``generator``, ``eos_token_id`` and ``pad_token_id``.
         """
         from pefc.generate import generate
 
         return generate(self, input_ids, max_new_tokens, **options)
+
+    def save_merged(self, directory: str | Path) -> Path:
+        """Write the merged model as a transformers ``save_pretrained`` directory (see :mod:`pefc.hfexport`)."""
+        from pefc.hfexport import save_merged
+
+        return save_merged(self, directory)
 
     def bake(self) -> CompiledModel:
         """A copy with every :class:`pefc.BakeableModule` replaced by its baked form (``self`` is untouched).

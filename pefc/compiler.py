@@ -117,6 +117,8 @@ def base_info(model: nn.Module) -> dict[str, Any]:
     name = getattr(config, "_name_or_path", None)
     if name:
         info["name_or_path"] = str(name)
+    if callable(getattr(config, "to_dict", None)) and getattr(config, "model_type", None):
+        info["hf_config"] = config.to_dict()  # rebuilds the architecture for KV-cached decoding
     return info
 
 
@@ -147,7 +149,8 @@ def _dynamic_dims(spec: SpecBase, inputs: dict[str, Any]) -> dict[str, list[int]
 
 
 def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Registry,
-                 formula: dict[str, int | None], extras: dict[str, dict[str, Any]]) -> list[Insertion]:
+                 formula: dict[str, int | None], extras: dict[str, dict[str, Any]],
+                 *, decode: bool = False) -> list[Insertion]:
     """Run every adapter's rewrite; ``formula`` and ``extras`` receive each adapter's formula
     parameter count and report extras."""
     insertions: list[Insertion] = []
@@ -158,7 +161,7 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
         formula[config.name] = formula_params(method, config, matched)
         extras[config.name] = method.report_extras(config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
-                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None)
+                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None, decode=decode)
         try:
             method.rewrite(ctx, config, matched)
         except PefcError:

@@ -1,10 +1,12 @@
-"""Token generation for compiled causal LMs: greedy or sampled, recomputing the full sequence each step.
+"""Token generation for compiled causal LMs: greedy or sampled.
 
-There is no KV cache: every step runs the captured graph on the whole sequence so far
-(prompt and prefix adapters included, exactly as in training), so a step costs a full
-forward over ``prompt + generated`` tokens. Each row's real tokens (``attention_mask == 1``)
-are moved to the front, so every row sits at positions ``0 .. n-1`` whatever its padding, as
-in HF ``generate`` (which takes positions from the mask); the result keeps the caller's layout.
+With ``use_cache=True`` (the default) one prefill runs over the prompt, then each new token
+is one decode step that reads and extends the KV cache (:mod:`pefc.kvcache`). With
+``use_cache=False`` every step runs the training graph on the whole sequence so far (the
+oracle the cache is tested against). Either way each row's real tokens
+(``attention_mask == 1``) are moved to the front, so every row sits at positions ``0 .. n-1``
+whatever its padding, as in HF ``generate`` (which takes positions from the mask); the result
+keeps the caller's layout.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, use_cache: bool | None = None) -> torch.Tensor:
     """``[batch, seq + n]``: ``input_ids`` followed by up to ``max_new_tokens`` tokens per row.
 
     Greedy unless ``do_sample`` (then ``temperature``, ``top_k``, ``top_p`` in that order, drawn
     with ``generator`` or a fresh one seeded with ``seed``). A row stops at an
     ``eos_token_id`` (default: the model's; ``[]`` never stops) and is filled with
     ``pad_token_id`` (default: the model's, else the first eos) until every row has stopped
-    or ``max_new_tokens`` are made.
+    or ``max_new_tokens`` are made. ``use_cache`` (default: for transformers models) decodes on
+    a KV cache; ``use_cache=False`` recomputes the full sequence each step.
     """
     _check_inputs(model, input_ids, attention_mask, max_new_tokens)
     info = model.pefc.base_info
@@ -45,8 +48,13 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
     tokens, lengths = _left_align(input_ids, mask, max_new_tokens)
     done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
+    if use_cache is None:
+        use_cache = "hf_config" in info  # a plain torch module has no cache protocol to capture
+    cached = _CachedSteps(model, tokens, lengths, max_new_tokens) if use_cache and max_new_tokens else None
+    logits = cached.first if cached is not None else None
     for _ in range(max_new_tokens):
-        logits = _last_logits(model, tokens, lengths)
+        if cached is None:
+            logits = _last_logits(model, tokens, lengths)
         chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
         new.append(chosen)
@@ -55,6 +63,8 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
         done |= torch.isin(chosen, torch.tensor(eos, device=device, dtype=chosen.dtype))
         if done.all():
             break
+        if cached is not None and len(new) < max_new_tokens:
+            logits = cached.step(chosen)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
 
@@ -105,6 +115,54 @@ def _last_logits(model: Any, tokens: torch.Tensor, lengths: torch.Tensor) -> tor
         raise PefcError(f"generate needs a causal LM returning logits [batch, seq, vocab]; the model returned "
                         f"{list(logits.shape)} (is {model.pefc.base_info.get('class')} a causal LM?)")
     return logits[torch.arange(len(ids), device=ids.device), lengths - 1].float()
+
+
+class _CachedSteps:
+    """One prefill over the prompt, then one decode step per token, on the KV cache.
+
+    Rows are right-padded (see :func:`_left_align`): a row's generated tokens sit at positions
+    ``n, n+1, ...`` after its ``n`` real ones, and the cache's padded slots stay masked.
+    Slots the prefill graph itself put in front of the prompt (prompt tuning's virtual tokens)
+    are always visible.
+    """
+
+    def __init__(self, model: Any, tokens: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> None:
+        from pefc.kvcache import decoder
+
+        self.decoder = dec = decoder(model)
+        width = int(lengths.max())
+        _check_positions(dec.max_positions, model, width, max_new_tokens)
+        batch, device = len(tokens), tokens.device
+        mask = (torch.arange(width, device=device) < lengths[:, None]).long()
+        positions = torch.arange(width, device=device).expand(batch, width)
+        like = next(p for p in model.parameters() if p.is_floating_point())
+        logits, self.past = dec.run(dec.prefill, tokens[:, :width], mask, positions, dec.empty_past(batch, like))
+        self.mask = torch.cat([mask.new_ones(batch, self.past[0].shape[-2] - width), mask], dim=1)
+        self.first = logits[torch.arange(batch, device=device), lengths - 1].float()
+        self.position = lengths.clone()
+
+    def step(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, vocab]`` after ``chosen`` (one token per row) joins the cache."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
+        logits, self.past = self.decoder.run(self.decoder.step, chosen[:, None], self.mask, self.position[:, None],
+                                             self.past)
+        self.position = self.position + 1
+        return logits[:, -1].float()
+
+
+def _check_positions(limit: int | None, model: Any, width: int, max_new_tokens: int) -> None:
+    """Refuse a prompt (plus adapter slots and new tokens) beyond the model's positions."""
+    if limit is None:
+        return
+    extra = sum(int(v) for e in model.pefc.extras.get("report", {}).values()
+                for k, v in e.items() if k in ("extra_attention_length", "context_tokens_used"))
+    if width + extra > limit:
+        raise PefcError(f"the prompt has {width} tokens (+{extra} adapter slots) but the model has "
+                        f"{limit} positions")
+    if width + extra + max_new_tokens > limit:
+        raise PefcError(f"the KV cache would exceed the model's {limit} positions: {width} prompt tokens "
+                        f"+ {extra} adapter slots + max_new_tokens={max_new_tokens}",
+                        hint=f"ask for at most {limit - width - extra} new tokens")
 
 
 def _logits(output: Any) -> torch.Tensor:

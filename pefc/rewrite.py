@@ -79,8 +79,10 @@ class RewriteContext:
     """Edits the graph on behalf of one adapter entry of the spec."""
 
     def __init__(self, graph_module: fx.GraphModule, config: AdapterConfig, insertions: list[Insertion],
-                 *, adapter_dtype: torch.dtype | None = None) -> None:
+                 *, adapter_dtype: torch.dtype | None = None, decode: bool = False) -> None:
         self.graph_module = graph_module
+        #: the graph is a KV-cached decode step: sequence prepends are already in the cache
+        self.decode = decode
         self.config = config
         self._insertions = insertions
         self._adapter_dtype = adapter_dtype
@@ -225,9 +227,14 @@ class RewriteContext:
 
         The rest of the graph then runs on ``S + length`` positions: sizes, positions, masks
         and sequence-carrying inputs are widened and sequence-shaped outputs sliced back to
-        the real tokens; see :func:`pefc.sequence.prepend_sequence`.
+        the real tokens; see :func:`pefc.sequence.prepend_sequence`. In a decode step
+        (:attr:`decode`) the items are in the KV cache already: only positions shift by ``length``.
         """
         name = self.add_module(site, module)
+        if self.decode:  # the cache holds the prepended items; the new tokens sit after them
+            offset_positions(self.graph_module, length)
+            self._record(site, name, site.node, "custom")
+            return site.node
         with self.graph.inserting_after(site.node):
             node = self.graph.call_module(name, (site.node,))
         prepend_sequence(self.graph_module, site.node, node, length)

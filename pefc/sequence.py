@@ -33,6 +33,7 @@ from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SLICE_END = 9223372036854775807
+POSITIONS = "pefc_positions"  # meta flag of a graph input holding token positions (e.g. position_ids)
 _LOSSES = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default,
            aten.nll_loss_forward.default, aten.nll_loss2d.default, aten.nll_loss2d_forward.default}
 _ARANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step}
@@ -62,6 +63,16 @@ def extend_attention_mask(mask: torch.Tensor | None, query: torch.Tensor, key: t
     fill = True if mask.dtype == torch.bool else 0
     pad = torch.full((*mask.shape[:-1], n), fill, dtype=mask.dtype, device=mask.device)
     return torch.cat([pad, mask], dim=-1)
+
+
+def prepend_positions(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """Positions ``x`` with ``0 .. n-1`` prepended along ``dim`` and ``x`` itself shifted by ``n``."""
+    shape = [1] * x.dim()
+    shape[dim] = n
+    lead = torch.arange(n, dtype=x.dtype, device=x.device).view(shape)
+    sizes = list(x.shape)
+    sizes[dim] = n
+    return torch.cat([lead.expand(sizes), x + n], dim=dim)
 
 
 def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tensor:
@@ -156,8 +167,8 @@ def position_edges(graph_module: fx.GraphModule,
                    attentions: Collection[fx.Node] | None = None) -> list[tuple[fx.Node, fx.Node]]:
     """``(positions, consumer)`` edges where sequence positions enter the computation.
 
-    Positions start at ``arange`` nodes or integer buffers holding ``arange`` (BERT's
-    ``position_ids``) and flow through shape ops and ``+ constant``; an edge is reported where
+    Positions start at ``arange`` nodes, integer buffers holding ``arange`` (BERT's
+    ``position_ids``) or graph inputs flagged :data:`POSITIONS` and flow through shape ops and ``+ constant``; an edge is reported where
     a positions tensor sized by an attention's query length leaves that set for a node feeding
     an attention's query/key/value without crossing an attention (RoPE angles, position
     embeddings). Causal-mask index arithmetic (which only reaches ``attn_mask``) and aranges
@@ -166,7 +177,8 @@ def position_edges(graph_module: fx.GraphModule,
     encoder-decoder's decoder, not its encoder).
     """
     graph = graph_module.graph
-    roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)]
+    roots = [n for n in graph.nodes if n.target in _ARANGES or _is_arange_buffer(graph_module, n)
+             or n.meta.get(POSITIONS)]
     positions: set[fx.Node] = set()
     stack = list(roots)
     while stack:
@@ -406,9 +418,11 @@ def loss_target_fills(graph: fx.Graph) -> dict[fx.Node, int]:
 def _widen_inputs(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> None:
     """Prepend ``n`` entries to graph inputs carrying ``seq``.
 
-    The fill is the loss's ``ignore_index`` for inputs feeding a loss's targets (labels, widened
-    where the token inputs carry the sequence even if export gave them their own size symbol),
-    ones for inputs feeding an attention mask, zeros otherwise (e.g. token types).
+    The fill is the loss's ``ignore_index`` for inputs feeding a loss's targets (labels; they and
+    attention masks, e.g. one over a KV cache's past and new tokens, are widened where the token
+    inputs carry the sequence even if export gave them their own size symbol),
+    ones for inputs feeding an attention mask, ``0 .. n-1`` (the rest shifted by ``n``) for
+    inputs flagged :data:`POSITIONS`, zeros otherwise (e.g. token types).
     """
     masks, targets = mask_ancestors(graph), loss_target_fills(graph)
     placeholders = [p for p in graph.nodes if p.op == "placeholder"]
@@ -417,12 +431,13 @@ def _widen_inputs(graph: fx.Graph, seq: Any, n: int, kept: set[fx.Node]) -> None
                   for d in range(len(meta_shape(p) or ())) if _size_key(p, d) == seq}
     first = first_computation(graph)
     for node in (p for p in placeholders if p not in kept):
-        dim = _input_seq_dim(node, seq, token_dims if node in targets else {})
+        dim = _input_seq_dim(node, seq, token_dims if node in targets or node in masks else {})
         if dim is None:
             continue
         fill = targets.get(node, 1 if node in masks else 0)
         with graph.inserting_before(first):
-            wide = graph.call_function(prepend_fill, (node, dim, n, fill))
+            wide = (graph.call_function(prepend_positions, (node, dim, n)) if node.meta.get(POSITIONS)
+                    else graph.call_function(prepend_fill, (node, dim, n, fill)))
         node.replace_all_uses_with(wide, delete_user_cb=lambda u, w=wide: u is not w and _reads_data(u))
 
 

@@ -37,6 +37,7 @@ from pefc.graphutil import (
     static_dim,
     tensor_inputs,
 )
+from pefc.sequence import POSITIONS
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -398,7 +399,7 @@ def _embedding_sites(graph_module: fx.GraphModule, params: set[str]) -> list[Emb
 def _indexed_by_input(node: fx.Node) -> bool:
     hits = search([node.args[1]], tensor_inputs, lambda n: n.op in ("placeholder", "get_attr"),
                   limit=32)
-    return any(n.op == "placeholder" for n in hits)
+    return any(n.op == "placeholder" and not n.meta.get(POSITIONS) for n in hits)  # token ids, not positions
 
 
 # --- feed-forward blocks --------------------------------------------------------------------
