@@ -129,9 +129,13 @@ def test_mergeable_methods_export_the_base_graph(case, base_export, tmp_path):
     model = _compiled(MERGEABLE[case])
     merged = model.merge()
     assert len(merged.graph.nodes) == model.pefc.base_node_count
+    base = pefc.compile(parse_spec(make_spec([])))
+    assert [(n.op, n.target) for n in merged.graph.nodes] == [(n.op, n.target) for n in base.graph.nodes]
     inputs = example_inputs(model.pefc.spec, seed=3, sizes=verification_sizes(model)[1])
     with torch.no_grad():
         assert (model.eval()(**inputs).logits - merged.eval()(**inputs).logits).abs().max() < 1e-5
+    if case != "lora+ia3":  # the base's graph exports as the base's ONNX graph: one export proves it
+        return
     result = export_onnx(model, tmp_path / "model.onnx", merge=True, verify=True)
     assert (result.nodes, result.op_types) == (base_export.nodes, base_export.op_types)
     assert max(result.verify_max_abs_diff.values()) < 1e-4
