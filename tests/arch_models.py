@@ -65,17 +65,22 @@ def max_diff(name: str, a: torch.nn.Module, b: torch.nn.Module) -> float:
     return worst
 
 
-def peft_checkpoint(name: str, config: Any, directory: Path, seed: int = 3) -> tuple[torch.nn.Module, Any]:
-    """The base model and a PeftModel on it with random (non-zero) adapter tensors, saved to ``directory``."""
+def random_peft(base: torch.nn.Module, config: Any, seed: int = 3) -> Any:
+    """A PeftModel on a copy of ``base`` whose adapter tensors are random and non-zero (eval mode)."""
     import peft
 
-    base = build(name)
     reference = peft.get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in reference.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    reference.eval()
+    return reference.eval()
+
+
+def peft_checkpoint(name: str, config: Any, directory: Path, seed: int = 3) -> tuple[torch.nn.Module, Any]:
+    """The base model and a :func:`random_peft` model on it, saved to ``directory``."""
+    base = build(name)
+    reference = random_peft(base, config, seed)
     reference.save_pretrained(directory)
     return base, reference

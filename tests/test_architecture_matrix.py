@@ -12,13 +12,12 @@ so the second compile reuses the capture (``PEFC_CAPTURE_CACHE``, see conftest).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
-from arch_models import BART, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT
+from arch_models import BART, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT, random_peft
 from torch import nn
 
 import pefc
@@ -113,14 +112,7 @@ ROWS = [
 
 def peft_reference(base: nn.Module, targets: Any, seed: int = 3) -> Any:
     """A PeftModel with LoRA (r=2) on ``targets`` (None: PEFT's default table), A and B non-zero."""
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0)
-    reference = peft.get_peft_model(copy.deepcopy(base), config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in reference.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return reference.eval()
+    return random_peft(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0), seed)
 
 
 def lora_modules(reference: Any) -> set[str]:
