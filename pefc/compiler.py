@@ -45,9 +45,7 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     if model is None:
         graph_module, info, training = _capture_spec_model(spec, device, trust_code)
     else:
-        model = quantize_spec_model(spec, model)
-        graph_module = capture_with_spec_inputs(spec, model, example_inputs)
-        info, training = base_info(model), model.training
+        graph_module, info, training = _capture_given_model(spec, model, example_inputs)
     return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
 
 
@@ -101,6 +99,20 @@ def _capture_spec_model(spec: SpecBase, device: str | None,
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)
+    return graph_module, info, training
+
+
+def _capture_given_model(spec: SpecBase, model: nn.Module,
+                         given: dict[str, Any] | None) -> tuple[Any, dict[str, Any], bool]:
+    """Capture the module passed to :func:`compile` (or reuse the capture of it, unchanged, from
+    :mod:`pefc.capture_cache`)."""
+    model = quantize_spec_model(spec, model)
+    cached = capture_cache.lookup_given(spec, model, given)
+    if cached is not None:
+        return cached
+    graph_module = capture_with_spec_inputs(spec, model, given)
+    info, training = base_info(model), model.training
+    capture_cache.store_given(spec, model, given, graph_module, info, training)
     return graph_module, info, training
 
 
