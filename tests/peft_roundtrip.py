@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import INPUTS, batch, build_hf, make_spec, randomize_adapters
+from conftest import INPUTS, batch, make_spec, randomize_adapters, shared_hf
 
 import pefc
 from pefc.interop import peft as interop
@@ -38,22 +38,11 @@ def effect(base: torch.nn.Module, model: torch.nn.Module) -> float:
     return max_diff(base, model, shapes=SHAPES[:1])
 
 
-_BASES: dict[str, torch.nn.Module] = {}
-
-
-def shared_base(family: str) -> torch.nn.Module:
-    """One base module per family for the whole session: compiling it again with the same
-    ``INPUTS`` reuses its capture (``PEFC_CAPTURE_CACHE``); PEFT wraps copies of it."""
-    if family not in _BASES:
-        _BASES[family] = build_hf(family).eval()
-    return _BASES[family]
-
-
 def peft_checkpoint(family: str, config: Any, directory: Path, seed: int = 3, scale: float = 0.3):
     """A PeftModel with random adapter tensors, saved by its own save_pretrained into ``directory``."""
     import peft
 
-    base = shared_base(family)
+    base = shared_hf(family)
     reference = peft.get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -70,7 +59,7 @@ def from_peft(family: str, config: Any, tmp_path: Path) -> dict[str, Any]:
     import peft
 
     base, reference = peft_checkpoint(family, config, tmp_path / "peft")
-    model = interop.load(tmp_path / "peft", base, inputs=INPUTS)
+    model = interop.load(tmp_path / "peft", base, inputs=INPUTS, example_inputs=batch(2, 8))
     imported = max_diff(reference, model)
     interop.save(model, tmp_path / "back")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
@@ -82,15 +71,16 @@ def from_pefc(family: str, entry: dict[str, Any], tmp_path: Path, scale: float =
     """pefc -> peft -> pefc: save a compiled adapter for PEFT, compare, import it back, compare again."""
     import peft
 
-    base = shared_base(family)
+    base = shared_hf(family)
     spec = make_spec([entry], family=None)
-    model = pefc.compile(parse_spec(spec), model=base)
+    model = pefc.compile(parse_spec(spec), model=base, example_inputs=batch(2, 8))
     randomize_adapters(model, scale=scale)
     model.eval()
     interop.save(model, tmp_path / "peft")
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     exported = max_diff(reference, model)
-    back = interop.load(tmp_path / "peft", base, name=entry["name"], inputs=spec["inputs"])  # reuses the capture
+    back = interop.load(tmp_path / "peft", base, name=entry["name"], inputs=spec["inputs"],
+                        example_inputs=batch(2, 8))  # reuses the capture
     return {"export": exported, "import": max(max_diff(reference, back), max_diff(model, back)),
             "effect": effect(base, model), "model": model, "back": back}
 
