@@ -200,6 +200,23 @@ def example_ids(spec: Any, batch: int, *, seed: int = 0, device: Any = "cpu") ->
     return values[order].to(device)
 
 
+def with_example_ids(spec: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``inputs`` and example ``adapter_ids`` for their batch (export and ONNX verification)."""
+    first = next((v for k, v in inputs.items() if k in spec.inputs and isinstance(v, torch.Tensor) and v.dim()), None)
+    batch = int(first.shape[0]) if first is not None else 1
+    seed = int(first.sum()) % 1000 if first is not None and not first.is_floating_point() else 0
+    device = first.device if first is not None else "cpu"
+    return {**inputs, spec.select.input: example_ids(spec, batch, seed=seed, device=device)}
+
+
+def ids_dynamic_shape(spec: Any) -> dict[int, str] | None:
+    """``adapter_ids``' dynamic dim: the batch dim name of the spec's inputs (None: a static batch)."""
+    for entry in spec.inputs.values():
+        if entry.shape and isinstance(entry.shape[0], str):
+            return {0: entry.shape[0]}
+    return None
+
+
 # --- slots: clear and load without recompiling -------------------------------------------------
 
 def _slot_of(model: Any, adapter: str) -> int:
