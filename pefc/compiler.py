@@ -192,7 +192,7 @@ def _selection(spec: SpecBase, graph_module: Any, registry: Registry) -> Selecti
     refused = unselectable(spec, registry)
     if refused:
         raise SpecError(f"select.adapters.{refused[0][0][-1]}: {refused[0][1]}")
-    return Selection(graph_module, select, [a.name for a in spec.adapters])
+    return Selection(graph_module, select)
 
 
 def select_sites(config: AdapterConfig, sites: Sequence[Site], registry: Registry,

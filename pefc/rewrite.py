@@ -84,7 +84,8 @@ class Insertion:
     weight_name: str | None = None
     bias_name: str | None = None
     weight_layout: str | None = None
-    #: the adapter's index in the spec's ``select`` (placement ``"rows"``: computed in a row-wise call)
+    #: the adapter's index in the spec's ``select`` (None: on for every row); placement ``"rows"``: the module
+    #: is computed in a row-wise call (see :mod:`pefc.selection`)
     slot: int | None = None
 
 
@@ -385,7 +386,7 @@ class RewriteContext:
             weight_name=linear.weight_name if linear else None,
             bias_name=linear.bias_name if linear else None,
             weight_layout=linear.weight_layout if linear else None,
-            slot=self.slot if placement == "rows" else None))
+            slot=self.slot))
 
 
 def _current_input(site: LinearSite) -> fx.Node:

@@ -98,7 +98,7 @@ class RowGroup:
 class Selection:
     """The selection input of one graph and the row groups placed so far."""
 
-    def __init__(self, graph_module: fx.GraphModule, select: Any, adapters: list[str]) -> None:
+    def __init__(self, graph_module: fx.GraphModule, select: Any) -> None:
         self.graph_module = graph_module
         self.slots = {name: i for i, name in enumerate(select.adapters)}
         self.ids = add_input(graph_module, select.input)
