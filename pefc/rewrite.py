@@ -344,6 +344,11 @@ class RewriteContext:
 
         assert self.selection is not None and self.slot is not None
         edges = position_edges(self.graph_module, None if sites is None else {s.node for s in sites})
+        fixed = [user for _, user in edges if user.target in _FIXED_BATCH_INDEXING]
+        if fixed:  # per-row positions are [batch, ...]; these index a buffer expanded to the capture's batch
+            raise PluginError(f"adapter {self.config.name!r} ({self.config.method}) is selected per row, but the "
+                              f"model indexes a buffer by position ({fixed[0].name}), so its positions cannot "
+                              "shift per row; keep it out of `select`")
         shifted: dict[fx.Node, fx.Node] = {}
         for node, user in edges:
             if node not in shifted:
@@ -387,6 +392,10 @@ class RewriteContext:
             bias_name=linear.bias_name if linear else None,
             weight_layout=linear.weight_layout if linear else None,
             slot=self.slot))
+
+
+#: ops reading positions as indices into a tensor sized by the capture's batch (BERT's token types)
+_FIXED_BATCH_INDEXING = (torch.ops.aten.gather.default,)
 
 
 def _current_input(site: LinearSite) -> fx.Node:
