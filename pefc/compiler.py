@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from pefc.spec import SpecBase
 from pefc.targets import match_sites
 from pefc.trainable import saved_parameters
 from pefc.trust import require_consent
+
+if TYPE_CHECKING:
+    from pefc.selection import Selection
 
 
 def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict[str, Any] | None = None,
@@ -168,12 +171,14 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
     adapter_dtype = getattr(spec, "adapter_dtype", None) or ("float32" if quantized_params(sites.sites) else None)
+    selection = _selection(spec, graph_module, registry)
     for config in spec.adapters:
         method, matched = select_sites(config, sites.sites, registry, taken)
         formula[config.name] = formula_params(method, config, matched)
         extras[config.name] = method.report_extras(config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
-                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None, decode=decode)
+                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None, decode=decode,
+                             selection=selection)
         try:
             method.rewrite(ctx, config, matched)
         except PefcError:
@@ -186,6 +191,20 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
                               f"{config.name!r}: {type(exc).__name__}: {exc}") from exc
         taken.add(config.name)
     return insertions
+
+
+def _selection(spec: SpecBase, graph_module: Any, registry: Registry) -> Selection | None:
+    """The spec's per-row selection (its input added to the graph), or None; refuses unselectable methods."""
+    select = getattr(spec, "select", None)
+    if select is None:
+        return None
+    from pefc.selection import Selection
+    from pefc.selection_spec import unselectable
+
+    refused = unselectable(spec, registry)
+    if refused:
+        raise SpecError(f"select.adapters.{refused[0][0][-1]}: {refused[0][1]}")
+    return Selection(graph_module, select)
 
 
 def select_sites(config: AdapterConfig, sites: Sequence[Site], registry: Registry,

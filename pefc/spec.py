@@ -110,6 +110,15 @@ class CaptureSpec(_Strict):
         default_factory=dict, description="example size of each named dim (default: batch 2, seq 8, others 3+)")
 
 
+class SelectSpec(_Strict):
+    """Per-row adapter selection: row i of a call runs with the ``adapter_ids[i]``-th adapter of ``adapters``."""
+
+    input: str = Field(default="adapter_ids", pattern=r"^[A-Za-z_]\w*$",
+                       description="name of the new int64 input [batch]; -1 selects none of the adapters")
+    adapters: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="the adapters picked per row, by index; the others stay on for every row")
+
+
 class SpecBase(_Strict):
     """Everything but the adapter list, whose type depends on the installed plugins."""
 
@@ -125,6 +134,8 @@ class SpecBase(_Strict):
     modules_to_save: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description='base modules trained in full and saved with the adapters, as HF PEFT\'s '
                                           'modules_to_save: module-path globs ("classifier", "*.score")')
+    select: SelectSpec | None = Field(default=None, description="adapters picked per row by a new int64 input "
+                                                                "[batch] (see docs/selection.md)")
 
     @model_validator(mode="after")
     def _unique_adapter_names(self) -> SpecBase:
@@ -133,6 +144,17 @@ class SpecBase(_Strict):
             if adapter.name in seen:
                 raise ValueError(f"adapters[{index}]: two adapters are named {adapter.name!r}; names must be unique")
             seen.add(adapter.name)
+        return self
+
+    @model_validator(mode="after")
+    def _select_names(self) -> SpecBase:
+        if self.select is None:
+            return self
+        from pefc.selection_spec import select_problem
+
+        problem = select_problem(self.select, [a.name for a in getattr(self, "adapters", [])], list(self.inputs))
+        if problem:
+            raise ValueError(problem)
         return self
 
     def to_json(self) -> str:
@@ -194,6 +216,9 @@ def parse_spec(data: Any, *, source: str | None = None, document: YamlDocument |
         from pefc.hfcheck import source_issues  # reads transformers' source; imports nothing
 
         issues += [f"{_where(loc, document)}: {message}" for loc, message in source_issues(spec)]
+        from pefc.selection_spec import unselectable
+
+        issues += [f"{_where(loc, document)}: {message}" for loc, message in unselectable(spec, registry)]
     if issues:
         hint = "`pefc plugins` lists installed methods" if unknown else None
         raise SpecError(f"{len(issues)} error(s) in the spec", source=source, issues=issues, hint=hint)
