@@ -52,6 +52,15 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
 
 
+def compile_built(spec: SpecBase, model: nn.Module, *, registry: Registry | None = None) -> CompiledModel:
+    """:func:`compile` with ``model``, a fresh, unchanged build of ``spec.model`` (what :func:`compile`
+    would build): a capture of ``spec.model`` in :mod:`pefc.capture_cache` is reused, else ``model``
+    is captured (and cached) instead of building the model again."""
+    started = time.perf_counter()
+    graph_module, info, training = _capture_spec_model(spec, None, built=model)
+    return compile_graph(spec, graph_module, info, training, registry or default_registry(), started=started)[0]
+
+
 def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], training: bool, registry: Registry,
                   *, started: float) -> tuple[CompiledModel, list[Site]]:
     """Rewrite a captured ``graph_module`` into a :class:`CompiledModel`; also return the base
@@ -88,17 +97,21 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     return compiled, sites.sites
 
 
-def _capture_spec_model(spec: SpecBase, device: str | None,
-                        trust_code: bool = False) -> tuple[Any, dict[str, Any], bool]:
-    """Build ``spec.model`` and capture it (or reuse a capture from :mod:`pefc.capture_cache`)."""
+def _capture_spec_model(spec: SpecBase, device: str | None, trust_code: bool = False,
+                        *, built: nn.Module | None = None) -> tuple[Any, dict[str, Any], bool]:
+    """Build ``spec.model`` (unless ``built`` is that build) and capture it, or reuse a capture
+    from :mod:`pefc.capture_cache`."""
     if spec.model is None:
         raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
-    require_consent(spec.model, trust_code)  # a cached capture of a python model needs consent too
+    if built is None:
+        require_consent(spec.model, trust_code)  # a cached capture of a python model needs consent too
     cached = capture_cache.lookup(spec, device)
     if cached is not None:
         return cached
-    raise_hf_issues(spec)
-    model = quantize_spec_model(spec, build_model(spec.model, device=device, trust_code=trust_code))
+    if built is None:
+        raise_hf_issues(spec)
+        built = build_model(spec.model, device=device, trust_code=trust_code)
+    model = quantize_spec_model(spec, built)
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)

@@ -54,22 +54,27 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     ``inputs`` (the spec's ``inputs``) and ``example_inputs``. ``trust_code=True`` consents to
     import and call a ``model_spec``'s ``python`` factory (:mod:`pefc.trust`).
     """
-    from pefc.compiler import compile
+    from pefc.compiler import compile, compile_built
 
     checkpoint = read_peft_dir(peft_dir)
     check_supported(checkpoint)
     method = method_of(checkpoint)
+    built = base_model is None  # built here from model_spec: compiled as the spec's model (capture cache)
     base_model, model_spec = _base(checkpoint, base_model, model_spec, trust_code)
     checkpoint, head_tensors, heads = saved_modules(checkpoint, base_model)
     name = name or method
     if method == "prefix":
         _warn_sliding_window(base_model)
     entry, modules = adapter_entry(checkpoint, base_model, name, method)
-    model = compile(_spec(entry, base_model, model_spec, inputs, heads), model=base_model,
-                    example_inputs=example_inputs)
+
+    def compiled(spec: Any) -> CompiledModel:
+        if built and example_inputs is None:
+            return compile_built(spec, base_model)
+        return compile(spec, model=base_model, example_inputs=example_inputs)
+
+    model = compiled(_spec(entry, base_model, model_spec, inputs, heads))
     if modules and {i.site_path for i in model.pefc.insertions} != set(modules):  # selectors picked others
-        spec = _spec(exact_entry(entry, modules), base_model, model_spec, inputs, heads)
-        model = compile(spec, model=base_model, example_inputs=example_inputs)
+        model = compiled(_spec(exact_entry(entry, modules), base_model, model_spec, inputs, heads))
     _copy_in(model, {**pefc_tensors(checkpoint, model, name, method), **head_tensors})
     return model.eval()
 
