@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pefc.spec import SpecBase
+from pefc.schema import SpecBase
 
 _entries: OrderedDict[str, tuple[fx.GraphModule, dict[str, Any], bool]] = OrderedDict()
 _given: OrderedDict[str, tuple[weakref.ref, fx.GraphModule, dict[str, Any], bool]] = OrderedDict()

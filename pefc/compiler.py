@@ -21,9 +21,9 @@ from pefc.method import Method
 from pefc.quant import quantize_spec_model, quantized_params
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
+from pefc.schema import SpecBase
 from pefc.sites import Site, SiteMap, find_sites
 from pefc.source import build_model, example_inputs, torch_dtype
-from pefc.spec import SpecBase
 from pefc.targets import match_sites
 from pefc.trainable import saved_parameters
 from pefc.trust import require_consent

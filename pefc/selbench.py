@@ -24,8 +24,8 @@ from torch import nn
 
 from pefc.bench import Measurement, _measure
 from pefc.errors import SpecError
+from pefc.schema import SpecBase
 from pefc.source import build_model, example_inputs
-from pefc.spec import SpecBase
 
 DEFAULT_DIMS = {"batch": 8, "seq": 128}
 

@@ -30,7 +30,7 @@ from pefc.interop.peft_files import (
 )
 from pefc.interop.peft_load import adapter_entry, exact_entry, method_of, pefc_tensors, saved_modules
 from pefc.interop.peft_save import PEFT_METHODS, adapter_of, peft_adapter, task_type
-from pefc.spec import ModelSpec
+from pefc.schema import ModelSpec
 
 if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
