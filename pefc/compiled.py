@@ -13,7 +13,6 @@ import inspect
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +25,11 @@ from pefc.checkpoint import metadata_spec, other_model_note, read_checkpoint_fil
 from pefc.errors import CheckpointError, NumericalError, PefcError
 from pefc.fxsource import track as track_source
 from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
-from pefc.rewrite import BakeableModule, Insertion
+from pefc.rewrite import BakeableModule
 from pefc.simplify import expand_grouped_kv
+from pefc.state import CompileState
 
 _PRESERVED = "_user_preserved_attributes"  # fx.GraphModule restores these on deepcopy
-
-
-@dataclass
-class CompileState:
-    """What the compiler knows about a CompiledModel beyond its graph."""
-
-    spec: Any
-    insertions: list[Insertion]
-    base_params: int
-    mergeable: dict[str, bool]
-    base_node_count: int
-    formula_params: dict[str, int | None] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-    #: the base model: ``class`` and, for transformers models, ``name_or_path``, ``vocab_size`` and
-    #: ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (used by generate and HF PEFT interop)
-    base_info: dict[str, Any] = field(default_factory=dict)
-    #: base parameters trained in full (the spec's ``modules_to_save``): name -> module path
-    saved_params: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return [a.name for a in self.spec.adapters]
 
 
 class CompiledModel(fx.GraphModule):
@@ -215,7 +193,7 @@ class CompiledModel(fx.GraphModule):
 
     def check_finite(self) -> None:
         """Raise :class:`pefc.NumericalError` naming the first adapter tensor with NaN or Inf."""
-        from pefc.distributed import local_tensor
+        from pefc.collectives import local_tensor
 
         for name, shared in self.adapter_state_dict().items():
             tensor = local_tensor(shared)
@@ -272,7 +250,7 @@ class CompiledModel(fx.GraphModule):
         ranks then wait for the write. Replicated adapters (DDP) need no collective, so
         ``if rank == 0: cm.save_adapters(...)`` works too; other ranks return at once.
         """
-        from pefc.distributed import barrier, full_tensors, is_main_process, is_sharded
+        from pefc.collectives import barrier, full_tensors, is_main_process, is_sharded
         from pefc.trainable import check_all_saved
 
         tensors = self.adapter_state_dict()
@@ -319,7 +297,7 @@ class CompiledModel(fx.GraphModule):
                                       f"{target.dtype} in the model")
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
-        from pefc.distributed import copy_into
+        from pefc.collectives import copy_into
 
         with torch.no_grad():
             for key, target in own.items():

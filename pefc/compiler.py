@@ -12,7 +12,7 @@ from torch import nn
 from pefc import capture_cache, fxsource
 from pefc.call import loss_inputs, split_loss
 from pefc.capture import capture, module_device
-from pefc.compiled import CompiledModel, CompileState
+from pefc.compiled import CompiledModel
 from pefc.config import AdapterConfig
 from pefc.errors import PefcError, PluginError, SpecError, TargetError
 from pefc.examples import normalize_examples
@@ -24,6 +24,7 @@ from pefc.rewrite import Insertion, RewriteContext
 from pefc.schema import SpecBase
 from pefc.sites import Site, SiteMap, find_sites
 from pefc.source import build_model, example_inputs, torch_dtype
+from pefc.state import CompileState
 from pefc.targets import match_sites
 from pefc.trainable import saved_parameters
 from pefc.trust import require_consent

@@ -8,8 +8,8 @@
   just before a layer runs, freed after), the adapters are sharded with the root's
   parameters and trained; gradients are reduce-scattered for adapters only.
 - ``CompiledModel.save_adapters`` / ``load_adapters`` use :func:`full_tensors` and
-  :func:`copy_into` so that a sharded model saves one full checkpoint (rank 0 writes) and
-  loads one on every rank.
+  :func:`copy_into` (:mod:`pefc.collectives`, re-exported here) so that a sharded model saves
+  one full checkpoint (rank 0 writes) and loads one on every rank.
 """
 
 from __future__ import annotations
@@ -22,7 +22,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pefc.collectives import (
+    barrier,
+    copy_into,
+    full_tensors,
+    is_distributed,
+    is_main_process,
+    is_sharded,
+    local_tensor,
+)
 from pefc.errors import PefcError
+
+__all__ = ["DistributedContext", "barrier", "copy_into", "ddp", "full_tensors", "fully_shard_layers",
+           "init_distributed", "is_distributed", "is_main_process", "is_sharded", "local_tensor"]
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -59,19 +71,6 @@ def init_distributed(device: str = "cpu") -> DistributedContext:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", device_id=place if kind == "cuda" else None)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, place)
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main_process() -> bool:
-    return not is_distributed() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def ddp(model: CompiledModel, **kwargs: Any) -> nn.parallel.DistributedDataParallel:
@@ -116,34 +115,3 @@ def fully_shard_layers(model: CompiledModel, mesh: DeviceMesh | None = None, **k
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
     return model
-
-
-# -- tensors that may be sharded -------------------------------------------------------------
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (e.g. a parameter under FSDP2)."""
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gather sharded (``DTensor``) values to full tensors; a collective when any is sharded."""
-    return {name: t.full_tensor() if is_sharded(t) else t for name, t in tensors.items()}
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a ``DTensor``, or the tensor itself."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
-    """``target.copy_(value)`` where ``target`` may be sharded: each rank keeps its own shard of ``value``."""
-    if is_sharded(target):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
-                                  src_data_rank=None)
-    target.copy_(value)

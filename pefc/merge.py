@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.fx as fx
 
 from pefc.graphutil import attr_value
 from pefc.rewrite import Insertion, SiteModule
 
-if TYPE_CHECKING:
-    from pefc.compiled import CompiledModel
 
-
-def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str] = frozenset(),
-                quantize: bool = False) -> CompiledModel:
-    """Copy ``model`` and fold every insertion of a mergeable method (not in ``skip_methods``).
+def merge_model(model: fx.GraphModule, *, skip_methods: set[str] | frozenset[str] = frozenset(),
+                quantize: bool = False) -> fx.GraphModule:
+    """Copy ``model`` (a ``CompiledModel``: its ``pefc`` state) and fold every insertion of a
+    mergeable method (not in ``skip_methods``); the copy is a ``CompiledModel`` too.
 
     Adapters selected per row (``select``) are never folded, nor the others at their sites.
     Output-side modules fold innermost first (graph order), then input-side modules outermost

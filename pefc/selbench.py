@@ -145,7 +145,7 @@ def _single(spec: SpecBase, name: str, device: str, selecting: Any, trust_code: 
 def _peft_mixed(report: SelectionBenchReport, spec: SpecBase, base: nn.Module, selecting: Any,
                 names: list[str]) -> nn.Module | None:
     """HF PEFT's model with every selected adapter loaded (same weights), or None (why in the report)."""
-    from pefc.interop.peft import save
+    from pefc.interop.peft import peft_config, save
 
     methods = {a.method for a in spec.adapters}
     if methods != {"lora"} or len(spec.adapters) != len(names):
@@ -156,13 +156,19 @@ def _peft_mixed(report: SelectionBenchReport, spec: SpecBase, base: nn.Module, s
     except ImportError:
         report.peft["skipped"] = "peft is not installed"
         return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = None
     with tempfile.TemporaryDirectory() as tmp:
-        model = None
-        for name in names:
+        for name in names:  # each adapter as PEFT saves it, read back as safetensors only
             save(selecting, Path(tmp) / name, adapter=name)
+            config = peft_config(selecting, name)
             if model is None:
-                model = peft.PeftModel.from_pretrained(copy.deepcopy(base), Path(tmp) / name, adapter_name=name)
+                model = peft.get_peft_model(copy.deepcopy(base), config, adapter_name=name)
             else:
-                model.load_adapter(Path(tmp) / name, adapter_name=name)
+                model.add_adapter(name, config)
+            set_peft_model_state_dict(model, load_file(str(Path(tmp) / name / "adapter_model.safetensors")),
+                                      adapter_name=name)
     report.peft["version"] = peft.__version__
     return model.eval() if model is not None else None
