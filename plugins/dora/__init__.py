@@ -22,7 +22,7 @@ import pefc
 
 class DoraConfig(LoraConfig):
     method: Literal["dora"] = "dora"  # type: ignore[assignment]
-    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_scope")
+    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_scope", "dropout_masks")
     dropout_scope: Literal["update", "low_rank"] = Field(
         default="update", description="what reads the dropped input while training: the whole update "
         "W' - W0 (HF PEFT; one more product with W0 per site) or only B A (as LoRA; faster)")
