@@ -13,4 +13,4 @@ import pefc
 def pefc_after_rewrite(model: Any, spec: Any) -> None:
     from pefc.fusion import fuse_shared_inputs
 
-    fuse_shared_inputs(model)
+    model.pefc.extras["fusion"] = {"groups": fuse_shared_inputs(model)}
