@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from pefc.fusion import FUSED
 from pefc.graphutil import get_arg, set_arg
 from pefc.simplify import SDPA
 
@@ -43,7 +42,6 @@ def share_additive_masks(model: CompiledModel) -> int:
     for (mask, dtype), nodes in shared.items():
         with graph.inserting_after(mask):
             additive = graph.call_function(additive_mask, (mask, dtype))
-        additive.meta[FUSED] = True  # dropped by a merge if nothing reads it any more
         for node in nodes:
             set_arg(node, "attn_mask", additive)
     if shared:
