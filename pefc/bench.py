@@ -48,6 +48,8 @@ class BenchReport:
     train_step: dict[str, Measurement] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     peft: dict[str, Any] = field(default_factory=dict)
+    #: what :mod:`pefc.fusion` fused in the adapted model (``groups``: sites sharing one A product)
+    fusion: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,8 +95,8 @@ class _PeakMemory:
 
 
 def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-             warmup: int) -> dict[str, Measurement]:
-    """Warm each run up, time them round-robin ``repeats`` times, then take each one's peak memory."""
+             warmup: int, *, peaks: bool = True) -> dict[str, Measurement]:
+    """Warm each run up, time them round-robin ``repeats`` times, then (``peaks``) take each one's peak memory."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -102,12 +104,12 @@ def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
     for _ in range(repeats):
         for name, run in runs.items():
             times[name].append(_elapsed_ms(run, device))
-    peaks = {}
-    for name, run in runs.items():
+    peak_mb: dict[str, float | None] = dict.fromkeys(runs)
+    for name, run in runs.items() if peaks else ():
         with _PeakMemory(device) as memory:
             run()
-        peaks[name] = memory.peak_mb
-    return {name: Measurement(statistics.median(times[name]), peaks[name]) for name in runs}
+        peak_mb[name] = memory.peak_mb
+    return {name: Measurement(statistics.median(times[name]), peak_mb[name]) for name in runs}
 
 
 def _elapsed_ms(run: Callable[[], Any], device: torch.device) -> float:
@@ -146,10 +148,13 @@ def _train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[
 
 
 def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, warmup: int = 3,
-              dims: dict[str, int] | None = None, compare_peft: bool = True, trust_code: bool = False) -> BenchReport:
+              dims: dict[str, int] | None = None, compare_peft: bool = True, trust_code: bool = False,
+              compiled_step: bool = False) -> BenchReport:
     """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring.
 
     ``trust_code=True`` consents to import and call the spec's ``model.python`` (:mod:`pefc.trust`).
+    ``compiled_step=True`` also times both train steps under ``torch.compile`` (rows ``pefc compiled``
+    and ``peft compiled``, time only; the first warm-up call compiles).
     """
     if spec.model is None:
         raise SpecError("bench needs a spec with a `model` (it builds the base model to compare against)")
@@ -164,7 +169,8 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     target = torch.device(device)
     sizes = {**spec.dims(), **(dims or {})}
     inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
-    report = BenchReport(str(target), sizes, repeats, compile_s, capture_s)
+    report = BenchReport(str(target), sizes, repeats, compile_s, capture_s,
+                         fusion=dict(compiled.pefc.extras.get("fusion", {})))
     forward = {name: _forward(model, inputs) for name, model in
                (("base", base), ("adapted", compiled), ("merged", merged))}
     report.forward = _measure(forward, target, repeats, warmup)
@@ -178,7 +184,24 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     report.train_step = _measure(steps, target, repeats, warmup)
     if reference is not None:
         report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
+        pefc_peak, peft_peak = report.train_step["pefc"].peak_mb, report.train_step["peft"].peak_mb
+        if pefc_peak is not None and peft_peak:
+            report.ratios["train peak pefc/peft"] = pefc_peak / peft_peak
+    if compiled_step:
+        _measure_compiled(report, compiled, reference, inputs, target, repeats, max(warmup, 2))
     return report
+
+
+def _measure_compiled(report: BenchReport, compiled: nn.Module, reference: nn.Module | None,
+                      inputs: dict[str, torch.Tensor], device: torch.device, repeats: int, warmup: int) -> None:
+    """Train steps of ``torch.compile(model)`` for pefc (and HF PEFT), into ``report``."""
+    steps = {"pefc compiled": _train_step(torch.compile(compiled), inputs)}
+    if reference is not None:
+        steps["peft compiled"] = _train_step(torch.compile(reference), inputs)
+    report.train_step.update(_measure(steps, device, repeats, warmup, peaks=False))
+    if reference is not None:
+        report.ratios["train compiled pefc/peft"] = (report.train_step["pefc compiled"].median_ms
+                                                     / report.train_step["peft compiled"].median_ms)
 
 
 def _peft_reference(report: BenchReport, spec: SpecBase, base: nn.Module, compiled: CompiledModel,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,6 +81,40 @@ def bind(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dic
     for name in placeholders(model.graph):
         if name not in given:
             given[name] = fill(name, spec.inputs[name], spec.inputs, given)
+    return given, loss
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What :func:`bind` reads from the model, as plain data: what ``torch.compile`` traces instead
+    (dynamo does not trace into ``fx.Graph`` or ``inspect``)."""
+
+    names: tuple[str, ...]
+    optional: frozenset[str]
+    placeholders: tuple[str, ...]
+    loss: tuple[str, ...]
+
+
+def call_plan(model: Any) -> CallPlan:
+    signature = signature_of(model)
+    head = getattr(model, LOSS_HEAD, None)
+    return CallPlan(tuple(signature.parameters), frozenset(_optional(signature)), tuple(placeholders(model.graph)),
+                    tuple(head.inputs) if head is not None else ())
+
+
+def bind_planned(model: Any, plan: CallPlan, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`bind` from ``plan``, for a call ``torch.compile`` traces."""
+    unknown = [k for k in kwargs if k not in plan.names]
+    if len(args) > len(plan.names) or unknown:
+        raise TypeError(f"CompiledModel({', '.join(plan.names)}): got {len(args)} positional and {unknown} unknown "
+                        "keyword arguments")
+    bound = {**dict(zip(plan.names, args, strict=False)), **kwargs}
+    given = {k: v for k, v in bound.items() if v is not None or k not in plan.optional}
+    loss = {k: given.pop(k) for k in plan.loss if k in given}
+    for name in plan.placeholders:
+        if name not in given:
+            given[name] = fill(name, model.pefc.spec.inputs[name], model.pefc.spec.inputs, given)
     return given, loss
 
 

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
+    p.add_argument("--compiled", action="store_true", help="also time both train steps under torch.compile")
     p.add_argument("--quantized", choices=["nf4", "int8"], metavar="METHOD",
                    help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
     p.add_argument("--generate", action="store_true",
@@ -374,7 +375,7 @@ def _bench(args: argparse.Namespace) -> int:
                                      compare_peft=not args.no_peft)
     else:
         report = run_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
-                           compare_peft=not args.no_peft)
+                           compare_peft=not args.no_peft, compiled_step=args.compiled)
     if args.json:
         _print_json(report.to_dict())
     else:

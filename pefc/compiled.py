@@ -61,11 +61,14 @@ class CompiledModel(fx.GraphModule):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call as the original: omitted optional inputs get their defaults, loss inputs give ``.loss``."""
-        from pefc.call import LOSS_HEAD, bind
+        from pefc.call import LOSS_HEAD, bind, bind_planned
 
         if not hasattr(self, "pefc"):
             return super().__call__(*args, **kwargs)
-        inputs, labels = bind(self, args, kwargs)
+        if torch.compiler.is_compiling():  # dynamo traces plain data, not the fx graph (pefc.call.CallPlan)
+            inputs, labels = bind_planned(self, self._pefc_call_plan, args, kwargs)
+        else:
+            inputs, labels = bind(self, args, kwargs)
         if getattr(self.pefc.spec, "select", None) is not None:
             from pefc.selection import check_ids
 
@@ -400,9 +403,10 @@ def _retarget_loss_head(model: nn.Module, *, old: tuple[torch.device, torch.dtyp
 
 def _sign_forward(model: nn.Module) -> None:
     """Give the generated ``forward`` the call signature (optional inputs, labels) tools inspect."""
-    from pefc.call import signature_of
+    from pefc.call import call_plan, signature_of
 
     if hasattr(model, "pefc"):
+        model._pefc_call_plan = call_plan(model)
         signature = signature_of(model)
         this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
         type(model).forward.__signature__ = signature.replace(parameters=[this, *signature.parameters.values()])

@@ -88,6 +88,8 @@ def _fold_one(model: fx.GraphModule, ins: Insertion, node: fx.Node) -> None:
 
 
 def _drop_unused_attrs(graph: fx.Graph) -> None:
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and not node.users and node.meta.get("pefc_inserted"):
+    """Erase the nodes pefc inserted (weight reads, :mod:`pefc.fusion`'s shared products) that nothing uses."""
+    for node in reversed(list(graph.nodes)):
+        if not node.users and node.meta.get("pefc_inserted") and node.op in ("get_attr", "call_function",
+                                                                               "call_module"):
             graph.erase_node(node)

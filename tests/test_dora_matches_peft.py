@@ -27,7 +27,7 @@ def dora(targets: list[str], **keys) -> list[dict]:
     return [{"name": "d", "method": "dora", "target": targets, "r": 4, "alpha": 8, **keys}]
 
 
-def peft_and_pefc(family: str, dropout: float = 0.0):
+def peft_and_pefc(family: str, dropout: float = 0.0, **keys):
     """A peft DoRA model with random A, B, m and a pefc model holding the same tensors."""
     ours, theirs, _ = CASES[family]
     base = shared_hf(family)
@@ -41,7 +41,7 @@ def peft_and_pefc(family: str, dropout: float = 0.0):
                 p.normal_(0, 0.3)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.3 * torch.randn_like(p))
-    spec = parse_spec(make_spec(dora(ours, dropout=dropout), family=None))
+    spec = parse_spec(make_spec(dora(ours, dropout=dropout, **keys), family=None))
     compiled = pefc.compile(spec, model=base, example_inputs=batch(2, 8))
     n_sites = len(compiled.parameter_report().adapters[0].sites)
     assert copy_adapters_from_peft(compiled, reference) == 3 * n_sites
@@ -63,8 +63,9 @@ def test_dora_logits_match_peft(family):
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_dora_training_dropout_and_gradients_match_peft_layer(family):
-    """Train mode with dropout: the dropped input feeds both correction terms; the norm gets no gradient."""
-    reference, compiled = peft_and_pefc(family, dropout=0.3)
+    """Train mode with dropout, ``dropout_scope: update``: the dropped input feeds both correction terms;
+    the norm gets no gradient."""
+    reference, compiled = peft_and_pefc(family, dropout=0.3, dropout_scope="update")
     path = CASES[family][2]
     layer = reference.base_model.model.get_submodule(path)
     ours = compiled.get_submodule(f"d.{path}")

@@ -2,11 +2,11 @@
 
 Dropout (training only) has two scopes, equal when ``dropout`` is 0 and in eval:
 
-- ``update`` (default; HF PEFT and the DoRA authors' code): the whole update ``W' - W0``
-  reads the dropped input, ``y = W0 x + (W' - W0) drop(x)``. ``W0 drop(x)`` is one more
-  product with the frozen weight per site, forward and backward.
-- ``low_rank``: only ``B A`` reads it, as in LoRA: ``y = g * (W0 x + s B A drop(x))``. No
-  second product with ``W0``: a DoRA step then costs about what a LoRA step costs.
+- ``low_rank`` (default): only ``B A`` reads it, as in LoRA: ``y = g * (W0 x + s B A drop(x))``.
+  No second product with ``W0``: a DoRA step then costs about what a LoRA step costs.
+- ``update`` (HF PEFT and the DoRA authors' code): the whole update ``W' - W0`` reads the
+  dropped input, ``y = W0 x + (W' - W0) drop(x)``. ``W0 drop(x)`` is one more product with the
+  frozen weight per site, forward and backward (twice the base's arithmetic at every site).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pefc
 
 class DoraConfig(LoraConfig):
     method: Literal["dora"] = "dora"  # type: ignore[assignment]
-    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_scope")
+    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_scope", "dropout_masks")
     dropout_scope: Literal["update", "low_rank"] = Field(
-        default="update", description="what reads the dropped input while training: the whole update "
-        "W' - W0 (HF PEFT; one more product with W0 per site) or only B A (as LoRA; faster)")
+        default="low_rank", description="what reads the dropped input while training: only B A (as LoRA; "
+        "the default) or the whole update W' - W0 (HF PEFT; one more product with W0 per site)")
 
 
 class Dora(Lora):

@@ -36,15 +36,17 @@ class DoraUpdate(LoraUpdate):
         self._norm_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, down: torch.Tensor | None = None) -> torch.Tensor:
+        """``down`` (fused, :mod:`pefc.fusion`): ``x`` is dropped already and ``down = x Aᵀ``."""
         g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(y.dtype)
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        if dropping:
+        if dropping and down is None:
             x = self.dropout(x)
+        h = self._scaled_down(x) if down is None else down * self.scaling
         if dropping and self.dropout_scope == "update":
             base = self._base(x.to(weight.dtype), weight)  # as HF PEFT: W0 drop(x) in the correction too
-            return y + (g - 1) * base + g * self.low_rank(x).to(y.dtype)
-        scaled = g * self.add_low_rank(y - bias if bias is not None else y, x)  # g (W0 x + s B A x)
+            return y + (g - 1) * base + g * (h @ self.lora_B.t()).to(y.dtype)
+        scaled = g * self.add_scaled(y - bias if bias is not None else y, h)  # g (W0 x + s B A x)
         return scaled + bias if bias is not None else scaled
 
     def _base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

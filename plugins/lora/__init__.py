@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator
 
@@ -18,9 +18,13 @@ import pefc
 
 class LoraConfig(pefc.AdapterConfig):
     method: Literal["lora"] = "lora"
+    runtime_keys: ClassVar[tuple[str, ...]] = ("dropout", "dropout_masks")
     r: PositiveInt = Field(default=8, le=65536, description="rank of the update")
     alpha: float = Field(default=16.0, gt=0, description="scaling numerator: s = alpha / r")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
+    dropout_masks: Literal["shared", "per_site"] = Field(
+        default="shared", description="with dropout, one mask per input the adapter's sites share (q/k/v, "
+        "gate/up: their A products fuse into one, see pefc.fusion) or one mask per site (HF PEFT; unfused)")
     rslora: bool = Field(default=False, description="rank-stabilised scaling s = alpha / sqrt(r)")
     init: Literal["kaiming", "gaussian"] = Field(
         default="kaiming", description="init of A (B is zero): kaiming-uniform (a=sqrt(5)) or N(0, 1/r)")

@@ -20,6 +20,7 @@ class LoraUpdate(pefc.SiteModule):
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling()
+        self.shared_mask = config.dropout_masks == "shared"
         if config.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / config.r)
         else:
@@ -34,7 +35,10 @@ class LoraUpdate(pefc.SiteModule):
         sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output.
         Exported graphs keep product and sum apart (runtimes fuse them; onnxruntime's Gemm refuses
         the rank-0 LoRA inputs of ``export_onnx(lora_inputs=True)``)."""
-        h = self._scaled_down(x)
+        return self.add_scaled(y, self._scaled_down(x))
+
+    def add_scaled(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``y + h Bᵀ`` for the scaled rank-``r`` activation ``h`` (see :meth:`add_low_rank`)."""
         if h.dtype != y.dtype or torch.compiler.is_exporting():
             return y + (h @ self.lora_B.t()).to(y.dtype)
         flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
@@ -43,8 +47,23 @@ class LoraUpdate(pefc.SiteModule):
     def _scaled_down(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
+        if down is not None:  # fused (pefc.fusion): x is dropped already, down = x Aᵀ
+            return self.add_scaled(y, down * self.scaling)
         return self.add_low_rank(y, self.dropout(x))
+
+    # -- pefc.fusion.SharedInputFusable: sites reading the same input share one A product --------
+
+    fusion_weight = "lora_A"
+
+    @property
+    def fusion_dropout(self) -> str | None:
+        return "dropout" if isinstance(self.dropout, nn.Dropout) else None
+
+    def fusion_key(self) -> tuple[object, ...] | None:
+        """Sites with the same dropout fuse (with dropout, only if the adapter shares masks)."""
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return None if p > 0 and not self.shared_mask else (type(self).__name__, p, self.lora_A.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
