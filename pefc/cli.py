@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
     p.add_argument("--generate", action="store_true",
                    help="generation tokens/s instead: pefc (unmerged, merged), HF PEFT, base HF; batch 1 and 8")
+    p.add_argument("--prompt", type=_at_least(1), default=128, help="with --generate: prompt tokens (128)")
+    p.add_argument("--new-tokens", type=_at_least(1), default=256, help="with --generate: new tokens (256)")
+    p.add_argument("--batches", type=_at_least(1), nargs="+", default=[1, 8], help="with --generate: (1 8)")
+    p.add_argument("--no-onnx", action="store_true", help="with --generate: skip the onnxruntime decoder")
 
     p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
     p.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -360,7 +364,8 @@ def _bench(args: argparse.Namespace) -> int:
         from pefc.genbench import run_generate_bench, table
 
         result = run_generate_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device,
-                                    compare_peft=not args.no_peft)
+                                    compare_peft=not args.no_peft, prompt=args.prompt,
+                                    new_tokens=args.new_tokens, batches=tuple(args.batches), onnx=not args.no_onnx)
         _print_json(result) if args.json else print(table(result))
         return 0
     dims = {}
