@@ -206,9 +206,11 @@ class OnnxDecoder:
         lay = self.layout
         return [np.zeros((batch, lay.kv_heads, 0, lay.head_dim), dtype=lay.dtype) for _ in range(2 * lay.layers)]
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``(logits, present)`` of one call; shapes are checked first (:class:`ExportError`)."""
+    def run(self, input_ids: Any, attention_mask: Any, position_ids: Any,
+            past: list[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(logits, present)`` of one call (numpy arrays or CPU tensors in); shapes are checked first."""
+        input_ids, attention_mask, position_ids = (_array(t) for t in (input_ids, attention_mask, position_ids))
+        past = [_array(t) for t in past]
         self.check(input_ids, attention_mask, position_ids, past)
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  **dict(zip(past_names(self.layout.layers), past, strict=True)), **self.feeds}
@@ -274,6 +276,10 @@ class OnnxDecoder:
             last = logits[:, -1]
             position = position + 1
         return np.concatenate([ids.numpy(), np.stack(new, axis=1)], axis=1) if new else ids.numpy()
+
+
+def _array(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def _read_layout(session: Any, path: str) -> _Layout:
