@@ -37,7 +37,6 @@ from pefc.registry import default_registry
 from pefc.source import torch_dtype
 
 DIMS = ("batch_size", "sequence_length", "past_sequence_length", "total_sequence_length")
-_EXAMPLE = {"batch": 2, "seq": 3, "past": 5}
 _VERIFY = ((3, 6, 8), (1, 4, 5))  # (batch, prompt, new tokens): other sizes than the example's
 
 
@@ -60,6 +59,7 @@ def export_kv_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True
     with ``model.generate`` (greedy) before the file replaces ``path``.
     """
     from pefc.export import (
+        DEFAULT_ATOL,
         LARGE_MODEL_BYTES,
         ExportResult,
         _atomic_save,
@@ -101,8 +101,9 @@ def export_kv_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True
 
     def check(written: Path) -> None:  # on the saved file before it replaces ``path``
         feeds = {n: t.detach().cpu().numpy() for n, t in prepared.state_dict().items() if n in lora_names}
+        tolerance = atol if atol is not None else DEFAULT_ATOL.get(torch_dtype(dtype or "float32"), 1e-4)
         result.verify_max_abs_diff = verify_kv_onnx(model, written, dtype=dtype, extra_feeds=feeds,
-                                                    atol=atol, label=f"{path} (not written)")
+                                                    atol=tolerance, label=f"{path} (not written)")
 
     _atomic_save(program, Path(path), result.external_data, check=check if verify else None)
     result.seconds = time.perf_counter() - started
@@ -122,7 +123,7 @@ def _refuse_prompt_tuning(model: CompiledModel) -> None:
 def _export_step(prepared: CompiledModel, *, optimize: bool) -> tuple[Any, int]:
     """``torch.onnx.export`` of the cached step graph with every size dynamic; ``(program, layers)``."""
     from pefc.export import _quiet
-    from pefc.kvcache import decoder
+    from pefc.kvcache import _EXAMPLE, decoder
 
     dec = decoder(prepared)
     like = next(p for p in prepared.parameters() if p.is_floating_point())

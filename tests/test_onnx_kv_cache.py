@@ -79,7 +79,6 @@ def test_a_past_of_the_wrong_shape_is_a_clear_error(merged_file):
     with pytest.raises(pefc.ExportError, match="attention_mask is \\[2, 1\\] but covers past and new tokens"):
         decoder.run(ids, np.ones((2, 1), np.int64), positions,
                     [np.zeros((2, KV_HEADS, 3, HEAD_DIM), np.float32)] * 2 * LAYERS)
-    assert pefc.ExportError.exit_code == 2
 
 
 def test_one_session_swaps_lora_adapters(model, tmp_path):
