@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-inputs", action="store_true",
                    help="LoRA A/B as graph inputs with empty defaults (ONNX Runtime multi-LoRA)")
     p.add_argument("--verify", action="store_true", help="check the file in onnxruntime on fresh shapes")
+    p.add_argument("--kv-cache", action="store_true",
+                   help="a decoder with past_key_values.{i}.key/.value inputs and present.* outputs; --verify "
+                        "compares a greedy loop in onnxruntime with generate")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the model before export")
     p.add_argument("--atol", type=float, help="verification tolerance (default by dtype)")
     p.add_argument("--external-data", action="store_true", help="weights in MODEL.onnx.data (automatic > 1.5 GB)")
@@ -103,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
     p.add_argument("--generate", action="store_true",
                    help="generation tokens/s instead: pefc (unmerged, merged), HF PEFT, base HF; batch 1 and 8")
+    p.add_argument("--prompt", type=_at_least(1), default=128, help="with --generate: prompt tokens (128)")
+    p.add_argument("--new-tokens", type=_at_least(1), default=256, help="with --generate: new tokens (256)")
+    p.add_argument("--batches", type=_at_least(1), nargs="+", default=[1, 8], help="with --generate: (1 8)")
+    p.add_argument("--no-onnx", action="store_true", help="with --generate: skip the onnxruntime decoder")
 
     p = sub.add_parser("import-peft", help="HF PEFT checkpoint -> DIR/spec.yaml + DIR/adapters.safetensors")
     p.add_argument("peft_dir", metavar="PEFT_DIR")
@@ -312,11 +319,16 @@ def _export(args: argparse.Namespace) -> int:
     model = _compiled_with_adapters(args.spec, args.adapters, args.trust_code)
     result = export_onnx(model, args.output, merge=not args.no_merge, verify=args.verify,
                          lora_inputs=args.lora_inputs, dtype=args.dtype, atol=args.atol,
-                         external_data=True if args.external_data else None, quantize=args.quantize)
+                         external_data=True if args.external_data else None, quantize=args.quantize,
+                         kv_cache=args.kv_cache)
     print(f"wrote {result.path} ({result.nodes} nodes{', external data' if result.external_data else ''}) "
           f"in {result.seconds:.1f}s; inputs {', '.join(result.inputs[:4])}"
           f"{' ...' if len(result.inputs) > 4 else ''}; outputs {', '.join(result.outputs)}")
     for shape, diff in result.verify_max_abs_diff.items():
+        if args.kv_cache:
+            print(f"verify: onnxruntime greedy loop = generate, token for token (batch x prompt + new {shape}); "
+                  f"prefill logits max |diff| = {diff:.3g}")
+            continue
         print(f"verify: onnxruntime vs PyTorch at dims {shape}: max |diff| = {diff:.3g}")
     if result.quantization_error is not None:
         from pefc.quant_merge import describe_error
@@ -353,7 +365,8 @@ def _bench(args: argparse.Namespace) -> int:
         from pefc.genbench import run_generate_bench, table
 
         result = run_generate_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device,
-                                    compare_peft=not args.no_peft)
+                                    compare_peft=not args.no_peft, prompt=args.prompt,
+                                    new_tokens=args.new_tokens, batches=tuple(args.batches), onnx=not args.no_onnx)
         _print_json(result) if args.json else print(table(result))
         return 0
     dims = {}

@@ -56,13 +56,19 @@ class ExportResult:
 
 def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, verify: bool = False,
                 lora_inputs: bool = False, dtype: str | None = None, atol: float | None = None,
-                external_data: bool | None = None, quantize: bool = False) -> ExportResult:
+                external_data: bool | None = None, quantize: bool = False, kv_cache: bool = False) -> ExportResult:
     """Export ``model`` to ONNX at ``path`` (atomically); see the module docstring.
+
+    ``kv_cache=True`` writes a decoder with ``past_key_values.{i}.key`` / ``.value`` inputs and
+    ``present.*`` outputs instead; ``verify`` then runs a greedy loop (see :mod:`pefc.onnx_kv`).
 
     ``quantize=True`` (a quantized base) exports the merged weights quantized again, dequantized
     in the ONNX graph; ``verify`` then reports the difference from the unmerged model instead of
     failing on it, and the result carries the merge's measured error.
     """
+    if kv_cache:
+        return _export_kv(model, path, merge=merge, verify=verify, lora_inputs=lora_inputs, dtype=dtype,
+                          atol=atol, external_data=external_data, quantize=quantize)
     started = time.perf_counter()
     _refuse_meta(model)
     if Path(path).is_dir():
@@ -109,6 +115,15 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     _atomic_save(program, path, use_external, check=check if verify else None)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _export_kv(model: CompiledModel, path: str | Path, *, quantize: bool, **options: Any) -> ExportResult:
+    from pefc.onnx_kv import export_kv_onnx
+
+    if quantize:
+        raise ExportError("--kv-cache with --quantize is not supported: the KV-cache decoder is exported in float",
+                          hint="drop --quantize (the merged float model is exact)")
+    return export_kv_onnx(model, path, **options)
 
 
 def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: bool = False,

@@ -2,12 +2,15 @@
 
 Tokens per second (new tokens x batch / wall time, greedy, no early stop) of pefc unmerged and
 merged (both with the KV cache), HF PEFT's ``generate`` on the same adapter (when PEFT has the
-method) and the base model's HF ``generate``, for each batch size, on a random prompt.
+method), the base model's HF ``generate``, and onnxruntime's greedy loop over the merged KV-cache
+decoder (``export_onnx(..., kv_cache=True)``; export time not counted), for each batch size, on a
+random prompt.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +23,11 @@ from pefc.source import build_model
 
 
 def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int = 128, new_tokens: int = 256,
-                       batches: tuple[int, ...] = (1, 8), compare_peft: bool = True) -> dict[str, Any]:
-    """``{"device", "prompt", "new_tokens", "rows": [{"batch", "tokens_per_s": {name: value}}], "ratios"}``."""
+                       batches: tuple[int, ...] = (1, 8), compare_peft: bool = True,
+                       onnx: bool = True) -> dict[str, Any]:
+    """``{"device", "prompt", "new_tokens", "rows": [{"batch", "tokens_per_s": {name: value}}], "ratios"}``.
+
+    ``"skipped"`` names a runner left out and why (e.g. onnxruntime for prompt tuning)."""
     from pefc.compiler import compile as compile_spec
 
     if spec.model is None:
@@ -37,14 +43,43 @@ def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int
     reference = _peft_model(spec, base, compiled) if compare_peft else None
     if reference is not None:
         runners["HF PEFT"] = _hf_generate(reference, new_tokens)
+    skipped: dict[str, str] = {}
     vocab = int(compiled.pefc.base_info.get("vocab_size") or 100)
     rows = []
-    for batch in batches:
-        ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-        rates = {name: batch * new_tokens / _seconds(run, ids) for name, run in runners.items()}
-        rows.append({"batch": batch, "tokens_per_s": rates})
+    with tempfile.TemporaryDirectory(prefix="pefc-genbench-") as tmp:
+        if onnx:
+            found = _onnx_generate(compiled, tmp, new_tokens, str(device))
+            if isinstance(found, str):
+                skipped["onnxruntime merged"] = found
+            else:
+                runners["onnxruntime merged"] = found
+        for batch in batches:
+            ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+            rates = {name: batch * new_tokens / _seconds(run, ids) for name, run in runners.items()}
+            rows.append({"batch": batch, "tokens_per_s": rates})
     return {"device": str(device), "prompt": prompt, "new_tokens": new_tokens, "rows": rows,
-            "ratios": [_ratios(row["tokens_per_s"]) for row in rows]}
+            "ratios": [_ratios(row["tokens_per_s"]) for row in rows], "skipped": skipped}
+
+
+def _onnx_generate(compiled: Any, directory: str, new_tokens: int,
+                   device: str) -> Callable[[torch.Tensor], Any] | str:
+    """onnxruntime's greedy loop over the merged KV-cache decoder, or why there is none."""
+    from pefc.errors import PefcError
+
+    if not device.startswith("cpu"):
+        return "onnxruntime runs on the CPU here"
+    try:
+        import onnxruntime  # noqa: F401
+
+        from pefc.export import export_onnx
+        from pefc.onnx_kv import OnnxDecoder
+
+        path = f"{directory}/decoder.onnx"
+        export_onnx(compiled, path, kv_cache=True)
+        decoder = OnnxDecoder(path)
+    except (ImportError, PefcError) as exc:
+        return str(exc).splitlines()[0]
+    return lambda ids: decoder.generate(ids.cpu().numpy(), new_tokens)
 
 
 def _hf_generate(model: torch.nn.Module, new_tokens: int) -> Callable[[torch.Tensor], Any]:
@@ -79,6 +114,8 @@ def _ratios(rates: dict[str, float]) -> dict[str, float]:
     out = {"pefc merged/base HF": rates["pefc merged"] / rates["base HF"]}
     if "HF PEFT" in rates:
         out["pefc/HF PEFT"] = rates["pefc"] / rates["HF PEFT"]
+    if "onnxruntime merged" in rates:
+        out["onnxruntime/pefc merged"] = rates["onnxruntime merged"] / rates["pefc merged"]
     return out
 
 
@@ -90,4 +127,5 @@ def table(result: dict[str, Any]) -> str:
     for row, ratios in zip(result["rows"], result["ratios"], strict=True):
         lines.append(f"{row['batch']:>5}  " + "  ".join(f"{row['tokens_per_s'][n]:>12.1f}" for n in names)
                      + "   " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    lines += [f"skipped {name}: {why}" for name, why in result.get("skipped", {}).items()]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The Python and shell blocks of docs/generation.md run as written."""
+"""The Python and shell blocks of docs/generation.md run as written, in the order they appear."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pefc.cli import main
 DOC = Path(__file__).resolve().parents[1] / "docs" / "generation.md"
 
 
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S)
+def blocks() -> list[tuple[str, str]]:
+    """``(language, code)`` of every fenced python or bash block, in document order."""
+    return re.findall(r"```(python|bash)\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
 def test_the_python_and_bash_blocks_run(tmp_path, monkeypatch):
@@ -20,11 +21,13 @@ def test_the_python_and_bash_blocks_run(tmp_path, monkeypatch):
     (tmp_path / "specs").symlink_to(root / "specs")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    for code in blocks("python"):
-        exec(compile(code, str(DOC), "exec"), scope)  # noqa: S102 (the project's own docs)
-    assert (tmp_path / "out" / "merged-hf" / "model.safetensors").exists()
-    for script in blocks("bash"):
-        for line in script.strip().splitlines():
+    for language, code in blocks():
+        if language == "python":
+            exec(compile(code, str(DOC), "exec"), scope)  # noqa: S102 (the project's own docs)
+            continue
+        for line in code.strip().splitlines():
             argv = shlex.split(line)
             assert argv[0] == "pefc" and main(argv[1:]) == 0, line
+    assert (tmp_path / "out" / "merged-hf" / "model.safetensors").exists()
     assert (tmp_path / "out" / "qv-hf" / "config.json").exists()
+    assert (tmp_path / "out" / "decoder.onnx").exists()

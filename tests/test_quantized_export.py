@@ -42,3 +42,25 @@ def test_requantized_export_reports_its_error_and_the_cli_warns(model, tmp_path,
     error = model.merge(quantize=True).pefc.extras["quantization_error"]
     assert f"max |delta logits| = {error['max_abs_logits']:.3g}" in out
     json.dumps(error)  # JSON-serialisable, as `pefc export` output
+
+
+def test_the_merged_float_export_of_a_quantized_base_is_exact(model, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from pefc.export import export_onnx
+    from pefc.source import example_inputs
+
+    result = export_onnx(model, tmp_path / "float.onnx")
+    assert not {"DequantizeLinear", "MatMulNBits"} & set(result.op_types)
+    stored = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+              for t in onnx.load(str(tmp_path / "float.onnx")).graph.initializer if len(t.dims) == 2}
+    assert stored == {"float32"}  # the merged weights are plain float matrices, no quantized codes
+    merged = model.merge().eval()
+    session = ort.InferenceSession(str(tmp_path / "float.onnx"), providers=["CPUExecutionProvider"])
+    inputs = example_inputs(model.pefc.spec, seed=3, sizes={"batch": 3, "seq": 7})
+    with torch.no_grad():
+        want = merged(**inputs).logits.numpy()
+    got = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
+    assert np.abs(got - want).max() < 1e-5
