@@ -29,6 +29,7 @@ import torch.fx as fx
 from pefc.attention import Attention, find_attentions, heads_of
 from pefc.errors import PluginError
 from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
+from pefc.relbias import slot_bias
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -48,12 +49,16 @@ _POSITION_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
 # --- runtime helpers (called from the graph) ------------------------------------------------
 
 def extend_attention_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
-                          slots: torch.Tensor, is_causal: bool) -> torch.Tensor | None:
+                          slots: torch.Tensor, is_causal: bool,
+                          bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """The SDPA mask for keys ``[slots; key]``: every query sees every slot.
 
     ``mask`` is bool (True = attend) or additive float, broadcastable to ``[..., L, S]``;
-    ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit.
+    ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit. ``bias``
+    (``[..., L, n]``, see :mod:`pefc.relbias`) is the float mask's value at the slots, else 0.
     """
+    if bias is not None and mask is not None and mask.is_floating_point():
+        return widen_key_axis(mask, slots, 0.0, bias)
     n, length = slots.shape[-2], key.shape[-2]
     if mask is None:
         if not is_causal:
@@ -82,9 +87,13 @@ def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tenso
     return torch.cat([x.new_full(shape, value), x], dim=dim)
 
 
-def widen_key_axis(x: torch.Tensor, slots: torch.Tensor, fill: float | bool) -> torch.Tensor:
-    """A mask or bias over the keys (last dim) with ``fill`` for the ``slots.shape[-2]`` new keys in front."""
-    return prepend_fill(x, -1, slots.shape[-2], fill)
+def widen_key_axis(x: torch.Tensor, slots: torch.Tensor, fill: float | bool,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A mask or bias over the keys (last dim) with ``fill`` for the ``slots.shape[-2]`` new keys in front,
+    or ``bias`` (``[..., L, n]``: a relative position bias at the new keys, :mod:`pefc.relbias`)."""
+    if bias is None:
+        return prepend_fill(x, -1, slots.shape[-2], fill)
+    return torch.cat([bias.to(x.dtype).expand(*x.shape[:-1], bias.shape[-1]), x], dim=-1)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -287,7 +296,9 @@ def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[
             cache = masks if mask is not None else {}
             new_mask = cache.get(mask)
             if new_mask is None:
-                new_mask = graph.call_function(extend_attention_mask, (mask, query, key, k_slots, bool(is_causal)))
+                bias = slot_bias(graph, mask, k_slots, masks)
+                new_mask = graph.call_function(extend_attention_mask, (mask, query, key, k_slots, bool(is_causal),
+                                                                      bias))
                 cache[mask] = new_mask
     set_arg(attention, "key", new_key)
     set_arg(attention, "value", new_value)
@@ -331,11 +342,16 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
         wide = masks.get((old, edge.fill))
         if wide is None:
             with graph.inserting_before(edge.consumer):
-                wide = graph.call_function(widen_key_axis, (old, k_slots, edge.fill))
+                bias = slot_bias(graph, old, k_slots, masks) if _is_additive(edge.fill) else None
+                wide = graph.call_function(widen_key_axis, (old, k_slots, edge.fill, bias))
             masks[(old, edge.fill)] = wide
         edge.consumer.update_arg(edge.index, wide)
     att.key, att.value = new_key, new_value
     return slots
+
+
+def _is_additive(fill: float | bool) -> bool:
+    return not isinstance(fill, bool) and fill == 0.0
 
 
 def _canonical(graph: fx.Graph, node: fx.Node, axis: int) -> fx.Node:

@@ -56,7 +56,9 @@ class Scores(nn.Module):
         if prefix is not None:
             k, v = torch.cat([prefix[0], k], -2), torch.cat([prefix[1], v], -2)
         rel = torch.arange(s, device=x.device)[None, :] - torch.arange(s, device=x.device)[:, None]
-        rel = nn.functional.pad(rel.float(), (p, 0))  # the prefix gets zero bias
+        rel = nn.functional.pad(rel.float(), (p, 0))  # zero bias at the prefix: ALiBi's reshape spells out S
+        if self.kind == "t5":  # the prefix at positions 0 .. p-1, the queries after it (as HF PEFT on T5)
+            rel = (torch.arange(s + p)[None, :] - (torch.arange(s) + p)[:, None]).float()
         causal = nn.functional.pad(torch.ones(s, s, dtype=torch.bool).tril(), (p, 0), value=True)
         if self.kind == "t5":  # no scaling, relative position bias
             scores = torch.matmul(q, k.transpose(3, 2)) + self.bias * rel
