@@ -30,6 +30,11 @@ def enable(maxsize: int = 8) -> None:
     _trim()
 
 
+def enabled() -> bool:
+    """Whether captures are kept (:func:`enable` or ``PEFC_CAPTURE_CACHE``)."""
+    return _maxsize > 0
+
+
 def clear() -> None:
     _entries.clear()
 

@@ -24,7 +24,7 @@ MODELS = {"t5": T5, "bart": BART, "vit": VIT}
 PEFT_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"], "vit": ["q_proj", "v_proj"]}
 
 SEQ2SEQ_INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
-                  "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2},
+                  "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2, "optional": True},
                   "decoder_input_ids": {"shape": ["batch", "target"], "dtype": "int64", "high": 100}}
 VISION_INPUTS = {"pixel_values": {"shape": ["batch", 3, 16, 16], "dtype": "float32"}}
 # (batch, source length, target length): none is the capture's (2, 8, 3)
