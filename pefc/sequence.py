@@ -20,6 +20,7 @@ functions called from ``call_function`` nodes, so the graph stays exportable.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch.fx as fx
 
 from pefc.attention import Attention, find_attentions, heads_of
 from pefc.errors import PluginError
-from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
+from pefc.graphutil import attr_value, get_arg, meta_shape, module_path, set_arg
 from pefc.relbias import slot_bias
 
 aten = torch.ops.aten
@@ -313,9 +314,10 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
                       masks: dict[Any, fx.Node]) -> fx.Node:
     """Join slots where an attention written out reads its keys and values, and widen its masks and biases."""
     where = att.output.name
-    if att.pinned:
-        raise PluginError(f"attention {where}: reshape {att.pinned[0].name!r} spells out the key length, so extra "
-                          "keys cannot join this attention")
+    stuck = [r for r in att.pinned if _size_key(r.args[0], -1) is None or _size_key(r.args[0], -1) != _size_key(r, -1)]
+    if stuck:
+        raise PluginError(f"attention {where} ({module_path(att.output) or 'top level'}): {_described(stuck[0])} "
+                          "spells out the key length and moves the key axis, so extra keys cannot join this attention")
     if att.value_axis != -2:
         raise PluginError(f"attention {where}: the values carry the key positions in dim {att.value_axis}, not -2")
     for node in (att.key, att.value):
@@ -326,6 +328,8 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
     order = {n: i for i, n in enumerate(graph.nodes)}
     if order[att.value] > order[att.key_user]:
         raise PluginError(f"attention {where}: its values are computed after its scores; cannot join both there")
+    for reshape in att.pinned:
+        _unpin(graph, reshape)
     with graph.inserting_before(att.key_user):
         key = _canonical(graph, att.key, att.key_axis)
         value = _canonical(graph, att.value, -2)
@@ -348,6 +352,28 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
         edge.consumer.update_arg(edge.index, wide)
     att.key, att.value = new_key, new_value
     return slots
+
+
+def _unpin(graph: fx.Graph, reshape: fx.Node) -> None:
+    """Make a reshape of scores or probabilities that spells out the key length (DeBERTa's
+    ``view(-1, H, S, S)``) read it from its input, which then may carry extra keys."""
+    source = reshape.args[0]
+    with graph.inserting_before(reshape):
+        length = graph.call_function(aten.sym_size.int, (source, len(meta_shape(source) or ()) - 1))
+    sizes = list(reshape.args[1])  # type: ignore[arg-type]
+    sizes[-1] = length
+    reshape.update_arg(1, sizes)
+
+
+def _described(node: fx.Node) -> str:
+    """``reshape 'view_7' (modeling.py:12: `code`)``: a node and the model line it comes from, where known."""
+    lines = [line.strip() for line in str(node.meta.get("stack_trace") or "").splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines[:-1]) if line.startswith("File ")]
+    if not frames:
+        return f"reshape {node.name!r}"
+    match = re.match(r'File "(?:.*/)?([^/"]+)", line (\d+)', lines[frames[-1]])
+    where = f"{match.group(1)}:{match.group(2)}" if match else lines[frames[-1]]
+    return f"reshape {node.name!r} ({where}: `{lines[frames[-1] + 1]}`)"
 
 
 def _is_additive(fill: float | bool) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from arch_models import BART, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT, random_peft
+from arch_models import BART, DEBERTA, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT, random_peft
 from torch import nn
 
 import pefc
@@ -109,7 +109,7 @@ ROWS = [
     Row("electra", "ElectraModel", {**ENCODER, "embedding_size": 32}, "electra"),
     Row("layoutlm", "LayoutLMModel", ENCODER, "layoutlm"),
     Row("deberta", "DebertaModel", ENCODER, "deberta"),
-    Row("deberta-v2", "DebertaV2Model", ENCODER, "deberta-v2"),
+    Row("deberta-v2", DEBERTA["class"], DEBERTA["config"], "deberta-v2"),  # with disentangled attention
     Row("t5", T5["class"], T5["config"], "t5", extra={"inputs": SEQ2SEQ_INPUTS}),
     Row("bart", BART["class"], BART["config"], "bart", extra={"inputs": SEQ2SEQ_INPUTS}),
     Row("vit", VIT["class"], VIT["config"], "vit", extra={"inputs": VISION_INPUTS, "targets": ["q_proj", "v_proj"]}),
