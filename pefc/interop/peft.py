@@ -116,12 +116,13 @@ def local_base_model(checkpoint: PeftCheckpoint | str | Path) -> ModelSpec:
 
 def _compile(spec: Any, base: nn.Module, example_inputs: dict[str, torch.Tensor] | None, from_spec: bool,
              trust_code: bool) -> CompiledModel:
-    """``spec`` compiled on ``base``; through ``spec.model`` when that built ``base`` and the capture cache
-    is on (:mod:`pefc.capture_cache`), so that loads of one base share its capture."""
+    """``spec`` compiled on ``base``; through ``spec.model`` when that built ``base`` (from transformers, not
+    from a consented ``python`` factory) and the capture cache is on (:mod:`pefc.capture_cache`), so that
+    loads of one base share its capture."""
     from pefc import capture_cache
     from pefc.compiler import compile
 
-    if from_spec and capture_cache.enabled():
+    if from_spec and capture_cache.enabled() and spec.model is not None and spec.model.hf is not None:
         return compile(spec, trust_code=trust_code)
     return compile(spec, model=base, example_inputs=example_inputs)
 
