@@ -27,8 +27,8 @@ from pefc.compiled import CompiledModel
 from pefc.compiler import compile as compile_spec
 from pefc.errors import SpecError
 from pefc.memory import PeakTensorMemory
+from pefc.schema import SpecBase
 from pefc.source import build_model, example_inputs
-from pefc.spec import SpecBase
 
 
 @dataclass

@@ -367,6 +367,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         report = run_quant_bench(spec, args.quantized, device=args.device, repeats=args.repeats, warmup=args.warmup,
                                  dims=dims)
+    elif spec.select is not None:  # many adapters in one batch: docs/selection.md
+        from pefc.selbench import run_selection_bench
+
+        report = run_selection_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
+                                     compare_peft=not args.no_peft)
     else:
         report = run_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
                            compare_peft=not args.no_peft)

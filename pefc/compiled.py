@@ -88,6 +88,10 @@ class CompiledModel(fx.GraphModule):
         if not hasattr(self, "pefc"):
             return super().__call__(*args, **kwargs)
         inputs, labels = bind(self, args, kwargs)
+        if getattr(self.pefc.spec, "select", None) is not None:
+            from pefc.selection import check_ids
+
+            check_ids(self, inputs)
         out = super().__call__(**inputs)
         return getattr(self, LOSS_HEAD)(out, inputs, labels) if labels else out
 
@@ -320,6 +324,18 @@ class CompiledModel(fx.GraphModule):
         with torch.no_grad():
             for key, target in own.items():
                 copy_into(target, tensors[key])
+
+    def load_slot(self, adapter: str, directory: str | Path, *, source: str | None = None) -> None:
+        """Load selected adapter ``adapter`` from a pefc or HF PEFT checkpoint, no recompiling (pefc.selection)."""
+        from pefc.selection import load_slot
+
+        load_slot(self, adapter, directory, source=source)
+
+    def clear_slot(self, adapter: str) -> None:
+        """Make the rows selecting ``adapter`` run with none until :meth:`load_slot` (pefc.selection)."""
+        from pefc.selection import clear_slot
+
+        clear_slot(self, adapter)
 
     # -- merging ---------------------------------------------------------------------------
 

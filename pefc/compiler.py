@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,12 +21,15 @@ from pefc.method import Method
 from pefc.quant import quantize_spec_model, quantized_params
 from pefc.registry import Registry, default_registry
 from pefc.rewrite import Insertion, RewriteContext
+from pefc.schema import SpecBase
 from pefc.sites import Site, SiteMap, find_sites
 from pefc.source import build_model, example_inputs, torch_dtype
-from pefc.spec import SpecBase
 from pefc.targets import match_sites
 from pefc.trainable import saved_parameters
 from pefc.trust import require_consent
+
+if TYPE_CHECKING:
+    from pefc.selection import Selection
 
 
 def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict[str, Any] | None = None,
@@ -45,10 +48,17 @@ def compile(spec: SpecBase, model: nn.Module | None = None, example_inputs: dict
     if model is None:
         graph_module, info, training = _capture_spec_model(spec, device, trust_code)
     else:
-        model = quantize_spec_model(spec, model)
-        graph_module = capture_with_spec_inputs(spec, model, example_inputs)
-        info, training = base_info(model), model.training
+        graph_module, info, training = _capture_given_model(spec, model, example_inputs)
     return compile_graph(spec, graph_module, info, training, registry, started=started)[0]
+
+
+def compile_built(spec: SpecBase, model: nn.Module, *, registry: Registry | None = None) -> CompiledModel:
+    """:func:`compile` with ``model``, a fresh, unchanged build of ``spec.model`` (what :func:`compile`
+    would build): a capture of ``spec.model`` in :mod:`pefc.capture_cache` is reused, else ``model``
+    is captured (and cached) instead of building the model again."""
+    started = time.perf_counter()
+    graph_module, info, training = _capture_spec_model(spec, None, built=model)
+    return compile_graph(spec, graph_module, info, training, registry or default_registry(), started=started)[0]
 
 
 def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], training: bool, registry: Registry,
@@ -87,20 +97,38 @@ def compile_graph(spec: SpecBase, graph_module: Any, info: dict[str, Any], train
     return compiled, sites.sites
 
 
-def _capture_spec_model(spec: SpecBase, device: str | None,
-                        trust_code: bool = False) -> tuple[Any, dict[str, Any], bool]:
-    """Build ``spec.model`` and capture it (or reuse a capture from :mod:`pefc.capture_cache`)."""
+def _capture_spec_model(spec: SpecBase, device: str | None, trust_code: bool = False,
+                        *, built: nn.Module | None = None) -> tuple[Any, dict[str, Any], bool]:
+    """Build ``spec.model`` (unless ``built`` is that build) and capture it, or reuse a capture
+    from :mod:`pefc.capture_cache`."""
     if spec.model is None:
         raise SpecError("the spec has no `model`; give one or pass model= to pefc.compile")
-    require_consent(spec.model, trust_code)  # a cached capture of a python model needs consent too
+    if built is None:
+        require_consent(spec.model, trust_code)  # a cached capture of a python model needs consent too
     cached = capture_cache.lookup(spec, device)
     if cached is not None:
         return cached
-    raise_hf_issues(spec)
-    model = quantize_spec_model(spec, build_model(spec.model, device=device, trust_code=trust_code))
+    if built is None:
+        raise_hf_issues(spec)
+        built = build_model(spec.model, device=device, trust_code=trust_code)
+    model = quantize_spec_model(spec, built)
     graph_module = capture_with_spec_inputs(spec, model)
     info, training = base_info(model), model.training
     capture_cache.store(spec, device, graph_module, info, training)
+    return graph_module, info, training
+
+
+def _capture_given_model(spec: SpecBase, model: nn.Module,
+                         given: dict[str, Any] | None) -> tuple[Any, dict[str, Any], bool]:
+    """Capture the module passed to :func:`compile` (or reuse the capture of it, unchanged, from
+    :mod:`pefc.capture_cache`)."""
+    model = quantize_spec_model(spec, model)
+    cached = capture_cache.lookup_given(spec, model, given)
+    if cached is not None:
+        return cached
+    graph_module = capture_with_spec_inputs(spec, model, given)
+    info, training = base_info(model), model.training
+    capture_cache.store_given(spec, model, given, graph_module, info, training)
     return graph_module, info, training
 
 
@@ -156,12 +184,14 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
     insertions: list[Insertion] = []
     taken = {name for name, _ in graph_module.named_children()}
     adapter_dtype = getattr(spec, "adapter_dtype", None) or ("float32" if quantized_params(sites.sites) else None)
+    selection = _selection(spec, graph_module, registry)
     for config in spec.adapters:
         method, matched = select_sites(config, sites.sites, registry, taken)
         formula[config.name] = formula_params(method, config, matched)
         extras[config.name] = method.report_extras(config, matched)
         ctx = RewriteContext(graph_module, config, insertions,
-                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None, decode=decode)
+                             adapter_dtype=torch_dtype(adapter_dtype) if adapter_dtype else None, decode=decode,
+                             selection=selection)
         try:
             method.rewrite(ctx, config, matched)
         except PefcError:
@@ -174,6 +204,20 @@ def _rewrite_all(spec: SpecBase, graph_module: Any, sites: SiteMap, registry: Re
                               f"{config.name!r}: {type(exc).__name__}: {exc}") from exc
         taken.add(config.name)
     return insertions
+
+
+def _selection(spec: SpecBase, graph_module: Any, registry: Registry) -> Selection | None:
+    """The spec's per-row selection (its input added to the graph), or None; refuses unselectable methods."""
+    select = getattr(spec, "select", None)
+    if select is None:
+        return None
+    from pefc.selection import Selection
+    from pefc.selection_spec import unselectable
+
+    refused = unselectable(spec, registry)
+    if refused:
+        raise SpecError(f"select.adapters.{refused[0][0][-1]}: {refused[0][1]}")
+    return Selection(graph_module, select)
 
 
 def select_sites(config: AdapterConfig, sites: Sequence[Site], registry: Registry,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pefc.spec import SpecBase
+from pefc.schema import SpecBase
 
 
 def normalize_examples(spec: SpecBase, inputs: dict[str, Any], device: torch.device | None,

@@ -153,14 +153,25 @@ def _device(model: nn.Module) -> torch.device:
 
 def _dynamic_shapes(model: CompiledModel) -> dict[str, Any]:
     spec = model.pefc.spec
-    return {name: {i: d for i, d in enumerate(entry.shape) if isinstance(d, str)} or None
-            for name, entry in spec.inputs.items() if name in placeholders(model.graph)}
+    shapes = {name: {i: d for i, d in enumerate(entry.shape) if isinstance(d, str)} or None
+              for name, entry in spec.inputs.items() if name in placeholders(model.graph)}
+    if getattr(spec, "select", None) is not None:
+        from pefc.selection import ids_dynamic_shape
+
+        shapes[spec.select.input] = ids_dynamic_shape(spec)
+    return shapes
 
 
 def graph_inputs(model: CompiledModel, inputs: dict[str, Any]) -> dict[str, Any]:
     """The inputs the graph takes: loss inputs (labels) are not exported, the loss is not an output."""
     names = placeholders(model.graph)
-    return {name: value for name, value in inputs.items() if name in names}
+    chosen = {name: value for name, value in inputs.items() if name in names}
+    select = getattr(model.pefc.spec, "select", None)
+    if select is not None and select.input in names and select.input not in chosen:
+        from pefc.selection import with_example_ids
+
+        chosen = with_example_ids(model.pefc.spec, chosen)
+    return chosen
 
 
 def _output_names(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[str]:
@@ -204,7 +215,7 @@ def _torch_export(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_sha
 # --- LoRA as graph inputs -------------------------------------------------------------------
 
 def _lora_parameter_names(model: CompiledModel) -> list[str]:
-    return [f"{ins.module}.{p}" for ins in model.pefc.insertions if ins.method == "lora"
+    return [f"{ins.module}.{p}" for ins in model.pefc.insertions if ins.method == "lora" and ins.slot is None
             for p in ("lora_A", "lora_B")]
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from pefc.errors import SpecError
+from pefc.schema import SpecBase
 from pefc.source import build_model
-from pefc.spec import SpecBase
 
 
 def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int = 128, new_tokens: int = 256,

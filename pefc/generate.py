@@ -69,6 +69,11 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
 
 
 def _check_inputs(model: Any, input_ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int) -> None:
+    select = getattr(model.pefc.spec, "select", None)
+    if select is not None:
+        raise PefcError(f"generate does not take per-row {select.input} yet: this model selects adapters per row "
+                        f"({', '.join(select.adapters)})",
+                        hint="compile a spec without `select` (or with the adapter always on) to generate")
     names = list(model.pefc.spec.inputs)
     if "input_ids" not in names or any(n not in SUPPORTED_INPUTS for n in names):
         raise PefcError(f"generate needs a model compiled with inputs input_ids (and attention_mask); this one "

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pefc.errors import ModelSourceError, SpecError
-from pefc.spec import SpecBase
+from pefc.schema import SpecBase
 from pefc.suggest import closest, did_you_mean
 
 Issue = tuple[list[Any], str]

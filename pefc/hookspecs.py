@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 
     from pefc.compiled import CompiledModel
     from pefc.method import Method
+    from pefc.schema import SpecBase
     from pefc.sites import Site
-    from pefc.spec import Spec
 
 PROJECT = "pefc"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -39,7 +39,7 @@ def pefc_methods() -> list[Method]:
 
 
 @hookspec
-def pefc_before_rewrite(graph_module: fx.GraphModule, sites: list[Site], spec: Spec) -> None:
+def pefc_before_rewrite(graph_module: fx.GraphModule, sites: list[Site], spec: SpecBase) -> None:
     """Called after capture and site discovery, before any adapter is inserted.
 
     A pass may edit ``graph_module.graph`` in place (and must keep ``sites`` valid).
@@ -47,7 +47,7 @@ def pefc_before_rewrite(graph_module: fx.GraphModule, sites: list[Site], spec: S
 
 
 @hookspec
-def pefc_after_rewrite(model: CompiledModel, spec: Spec) -> None:
+def pefc_after_rewrite(model: CompiledModel, spec: SpecBase) -> None:
     """Called once every adapter of the spec has been inserted, before the model is returned."""
 
 

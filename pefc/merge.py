@@ -18,6 +18,7 @@ def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str]
                 quantize: bool = False) -> CompiledModel:
     """Copy ``model`` and fold every insertion of a mergeable method (not in ``skip_methods``).
 
+    Adapters selected per row (``select``) are never folded, nor the others at their sites.
     Output-side modules fold innermost first (graph order), then input-side modules outermost
     first, which keeps the result exact when several adapters share a site.
 
@@ -30,8 +31,10 @@ def merge_model(model: CompiledModel, *, skip_methods: set[str] | frozenset[str]
 
     merged = model.clone()
     state = merged.pefc
+    selected_sites = {ins.site_path for ins in state.insertions if ins.placement == "rows"}  # kept exact: unfolded
     foldable = [ins for ins in state.insertions if state.mergeable.get(ins.method)
-                and ins.method not in skip_methods and ins.placement in ("output", "input")]
+                and ins.method not in skip_methods and ins.placement in ("output", "input")
+                and ins.site_path not in selected_sites]
     stored = quant_merge.quantized_sites(merged) if base_format(merged) else {}
     folded = {ins.weight_name for ins in foldable}
     targets = [s for name, s in stored.items() if name in folded or not quantize]

@@ -26,12 +26,16 @@ class Method:
       :mod:`pefc.testing`).
     - ``mergeable``: whether the modules it inserts implement ``fold`` (see
       :class:`pefc.rewrite.SiteModule`) so :meth:`CompiledModel.merge` can remove them.
+    - ``selectable``: whether its adapters may be picked per row (the spec's ``select``): its
+      ``wrap_output`` / ``wrap_input`` modules implement the row protocol of
+      :class:`pefc.rewrite.SiteModule` (or it only uses ``prepend_kv`` / ``offset_positions``).
     """
 
     name: ClassVar[str]
     config: ClassVar[type[AdapterConfig]]
     site_kinds: ClassVar[tuple[str, ...]] = ("linear",)
     mergeable: ClassVar[bool] = False
+    selectable: ClassVar[bool] = False
     #: Whether a freshly initialised adapter leaves the model's outputs unchanged.
     identity_at_init: ClassVar[bool] = True
     description: ClassVar[str] = ""

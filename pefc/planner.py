@@ -36,9 +36,9 @@ from pefc.quant import QuantizedLinear, base_format, quantize_spec_model, stored
 from pefc.registry import Registry, default_registry
 from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
 from pefc.rewrite import default_adapter_dtype
+from pefc.schema import SpecBase
 from pefc.sites import Site, find_sites, layer_of
 from pefc.source import build_model, torch_dtype
-from pefc.spec import SpecBase
 
 #: Layers of each stack that the cut model keeps (the second checks the first).
 CUT_DEPTH = 2

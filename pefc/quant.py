@@ -26,8 +26,8 @@ from torch import nn
 from pefc.errors import SpecError
 
 if TYPE_CHECKING:
+    from pefc.schema import QuantizeSpec, SpecBase
     from pefc.sites import LinearSite, Site
-    from pefc.spec import QuantizeSpec, SpecBase
 
 
 @dataclass(frozen=True)

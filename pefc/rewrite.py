@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -22,6 +22,9 @@ from pefc.config import AdapterConfig
 from pefc.errors import PluginError
 from pefc.sequence import first_computation, offset_positions, prepend_kv, prepend_sequence
 from pefc.sites import AttentionSite, EmbeddingSite, LinearSite, Site
+
+if TYPE_CHECKING:
+    from pefc.selection import RowGroup, Selection
 
 
 class SiteModule(nn.Module):
@@ -35,6 +38,24 @@ class SiteModule(nn.Module):
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the base ``(weight [out, in], bias)`` with this module folded in."""
         raise NotImplementedError(f"{type(self).__name__} cannot be folded")
+
+    # -- per-row selection (pefc.selection): what a selectable method's module adds ------------
+
+    def row_values(self) -> dict[str, str | float | int]:
+        """What the core gathers per row when this module's adapter is selected per row: each name
+        maps to one of the module's tensors (``"lora_A"``, ``"down.weight"``) or to a number."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be selected per row")
+
+    def row_key(self) -> tuple[Any, ...]:
+        """Modules of one site with equal keys share one row-wise call (their tensors are stacked)."""
+        return (type(self).__qualname__,)
+
+    def rowwise(self) -> nn.Module:
+        """The module computing the site per row: ``forward(x, y[, weight, bias], index, *stacks)`` on the
+        output side, ``forward(x, index, *stacks)`` on the input side, ``stacks`` in :meth:`row_values`
+        order, each ``[members + 1, ...]`` (zero-padded; the last entry, all zeros, is for rows of no
+        member) and ``index`` ``[batch]`` each row's entry."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be selected per row")
 
 
 class BakeableModule(nn.Module):
@@ -63,6 +84,9 @@ class Insertion:
     weight_name: str | None = None
     bias_name: str | None = None
     weight_layout: str | None = None
+    #: the adapter's index in the spec's ``select`` (None: on for every row); placement ``"rows"``: the module
+    #: is computed in a row-wise call (see :mod:`pefc.selection`)
+    slot: int | None = None
 
 
 #: base dtypes whose adapters train in float32 unless the spec's ``adapter_dtype`` says otherwise
@@ -79,14 +103,22 @@ class RewriteContext:
     """Edits the graph on behalf of one adapter entry of the spec."""
 
     def __init__(self, graph_module: fx.GraphModule, config: AdapterConfig, insertions: list[Insertion],
-                 *, adapter_dtype: torch.dtype | None = None, decode: bool = False) -> None:
+                 *, adapter_dtype: torch.dtype | None = None, decode: bool = False,
+                 selection: Selection | None = None) -> None:
         self.graph_module = graph_module
+        #: the spec's per-row selection, if any (see :mod:`pefc.selection`)
+        self.selection = selection
         #: the graph is a KV-cached decode step: sequence prepends are already in the cache
         self.decode = decode
         self.config = config
         self._insertions = insertions
         self._adapter_dtype = adapter_dtype
         self._widened_masks: dict[Any, fx.Node] = {}
+
+    @property
+    def slot(self) -> int | None:
+        """This adapter's index in the spec's ``select`` (its rows pick it), or None (on for every row)."""
+        return self.selection.slot(self.config.name) if self.selection is not None else None
 
     @property
     def graph(self) -> fx.Graph:
@@ -147,8 +179,11 @@ class RewriteContext:
     def wrap_output(self, site: LinearSite, module: SiteModule, *, pass_weight: bool = False) -> fx.Node:
         """Replace the site's output ``y`` by ``module(x, y)`` (or ``module(x, y, W, b)``).
 
-        ``x`` is the input the linear sees now (after earlier input-side adapters).
+        ``x`` is the input the linear sees now (after earlier input-side adapters). A selected
+        adapter's module is computed per row by its :meth:`SiteModule.rowwise` module instead.
         """
+        if self.slot is not None:
+            return self._wrap_rows(site, module, "output", pass_weight)
         name = self.add_module(site, module)
         output = site.output
         args: tuple[Any, ...] = (_current_input(site), output)
@@ -162,7 +197,9 @@ class RewriteContext:
         return node
 
     def wrap_input(self, site: LinearSite, module: SiteModule) -> fx.Node:
-        """Feed the linear ``module(x)`` instead of its input ``x``."""
+        """Feed the linear ``module(x)`` instead of its input ``x`` (per row for a selected adapter)."""
+        if self.slot is not None:
+            return self._wrap_rows(site, module, "input", False)
         name = self.add_module(site, module)
         x = _current_input(site)
         with self.graph.inserting_before(site.node):
@@ -174,6 +211,7 @@ class RewriteContext:
     def call_module(self, site: Site, module: nn.Module, args: Sequence[Any], *,
                     before: fx.Node) -> fx.Node:
         """Insert ``module(*args)`` before ``before``; the caller rewires its users."""
+        self._refuse_rows("call_module")
         name = self.add_module(site, module)
         with self.graph.inserting_before(before):
             node = self.graph.call_module(name, tuple(args))
@@ -200,16 +238,25 @@ class RewriteContext:
         value the attention sees (after RoPE and any head repetition) as ``[..., H, S, D]``
         with the slot count in dim -2, whichever form the attention has. Every mask or bias
         over the keys is widened so every query sees every slot (bool, additive float, causal,
-        ALiBi or relative position bias); see :func:`pefc.sequence.prepend_kv`.
+        ALiBi or relative position bias); see :func:`pefc.sequence.prepend_kv`. For a selected
+        adapter only the rows that select it see the slots (SDPA attentions).
         """
         name = self.add_module(site, module)
         if site.attention is None:
             raise PluginError(f"adapter {self.config.name!r}: attention site {site.path!r} has no graph pattern")
+        visible = None
+        if self.slot is not None:
+            if site.attention.form != "sdpa":
+                raise PluginError(f"adapter {self.config.name!r}: attention {site.path!r} is written out, not "
+                                  "SDPA; its prefix cannot be selected per row (use attn_implementation: sdpa)")
+            assert self.selection is not None
+            visible = self.selection.mask(self.slot, site.attention.output)
 
         def make_slots(key: fx.Node, value: fx.Node) -> fx.Node:
             return self.graph.call_module(name, (key, value, *args))
 
-        node = prepend_kv(self.graph, site.attention, make_slots, self._widened_masks)
+        cache = self._widened_masks if visible is None else {}  # a selected adapter's mask is its own
+        node = prepend_kv(self.graph, site.attention, make_slots, cache, visible=visible)
         self._record(site, name, node, "custom")
         return node
 
@@ -218,8 +265,10 @@ class RewriteContext:
         ``sites``, only the positions those attentions see (a decoder's, not its encoder's).
 
         Returns the number of places shifted (0 for a model without positions); see
-        :func:`pefc.sequence.position_edges`.
+        :func:`pefc.sequence.position_edges`. For a selected adapter only its rows are shifted.
         """
+        if self.slot is not None:
+            return self._offset_rows(offset, sites)
         return offset_positions(self.graph_module, offset, None if sites is None else {s.node for s in sites})
 
     def prepend_sequence(self, site: EmbeddingSite, module: nn.Module, length: int) -> fx.Node:
@@ -230,6 +279,7 @@ class RewriteContext:
         the real tokens; see :func:`pefc.sequence.prepend_sequence`. In a decode step
         (:attr:`decode`) the items are in the KV cache already: only positions shift by ``length``.
         """
+        self._refuse_rows("prepend_sequence")
         name = self.add_module(site, module)
         if self.decode:  # the cache holds the prepended items; the new tokens sit after them
             offset_positions(self.graph_module, length)
@@ -240,6 +290,78 @@ class RewriteContext:
         prepend_sequence(self.graph_module, site.node, node, length)
         self._record(site, name, node, "custom")
         return node
+
+    # -- per-row selection -------------------------------------------------------------------
+
+    def _wrap_rows(self, site: LinearSite, module: SiteModule, placement: str, pass_weight: bool) -> fx.Node:
+        """Register ``module`` (its parameters keep their names) and gather its row values into the
+        site's row-wise call (see :mod:`pefc.selection`)."""
+        assert self.selection is not None and self.slot is not None
+        name = self.add_module(site, module)
+        try:
+            values = module.row_values()
+            key = (site.path, placement, pass_weight, *module.row_key())
+        except NotImplementedError as exc:
+            raise PluginError(f"adapter {self.config.name!r} ({self.config.method}): {exc}") from None
+        current = site.output if placement == "output" else _current_input(site)
+        group = self.selection.group(key, current)
+        if group is None:
+            group = self._row_call(site, module, placement, pass_weight, len(values))
+            self.selection.groups[key] = group
+            self._rewire(site, placement, current, group.node)
+        self.selection.join(group, self.slot, [self._attr_node(f"{name}.{v}") if isinstance(v, str) else v
+                                               for v in values.values()])
+        self._record(site, name, group.node, "rows")
+        return group.node
+
+    def _row_call(self, site: LinearSite, module: SiteModule, placement: str, pass_weight: bool,
+                  count: int) -> RowGroup:
+        """Insert a new group's helpers and its call of ``module.rowwise()`` at ``site``."""
+        from pefc.selection import RowGroup
+
+        assert self.selection is not None
+        rows_name = self.selection.module_name()
+        self._register(rows_name, module.rowwise(), f"placed row-wise module {rows_name!r} twice")
+        args: tuple[Any, ...] = (_current_input(site),)
+        if placement == "output":
+            args += (site.output, *((self._weight_node(site), self._bias_node(site)) if pass_weight else ()))
+        with self.graph.inserting_before(site.node if placement == "input" else site.output.next):
+            index, stacks = self.selection.helpers(count)
+            node = self.graph.call_module(rows_name, (*args, index, *stacks))
+        return RowGroup(node, index, stacks)
+
+    def _rewire(self, site: LinearSite, placement: str, current: fx.Node, node: fx.Node) -> None:
+        """Make the new row-wise call ``node`` take the place of ``current`` at ``site``."""
+        if placement == "output":
+            current.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+            site.output = node
+        else:
+            site.node.replace_input_with(current, node)
+
+    def _offset_rows(self, offset: int, sites: Sequence[AttentionSite] | None) -> int:
+        from pefc.selection import shift_rows
+        from pefc.sequence import position_edges
+
+        assert self.selection is not None and self.slot is not None
+        edges = position_edges(self.graph_module, None if sites is None else {s.node for s in sites})
+        fixed = [user for _, user in edges if user.target in _FIXED_BATCH_INDEXING]
+        if fixed:  # per-row positions are [batch, ...]; these index a buffer expanded to the capture's batch
+            raise PluginError(f"adapter {self.config.name!r} ({self.config.method}) is selected per row, but the "
+                              f"model indexes a buffer by position ({fixed[0].name}), so its positions cannot "
+                              "shift per row; keep it out of `select`")
+        shifted: dict[fx.Node, fx.Node] = {}
+        for node, user in edges:
+            if node not in shifted:
+                mask = self.selection.mask(self.slot, node.next)
+                with self.graph.inserting_after(mask):
+                    shifted[node] = self.graph.call_function(shift_rows, (node, mask, offset))
+            user.replace_input_with(node, shifted[node])
+        return len(edges)
+
+    def _refuse_rows(self, placement: str) -> None:
+        if self.slot is not None:
+            raise PluginError(f"adapter {self.config.name!r} ({self.config.method}) is selected per row, but "
+                              f"{placement} has no per-row form; keep it out of `select`")
 
     # -- internals -------------------------------------------------------------------------
 
@@ -268,7 +390,12 @@ class RewriteContext:
             placement=placement, site_path=site.path, site_kind=site.kind, site_role=site.role,
             weight_name=linear.weight_name if linear else None,
             bias_name=linear.bias_name if linear else None,
-            weight_layout=linear.weight_layout if linear else None))
+            weight_layout=linear.weight_layout if linear else None,
+            slot=self.slot))
+
+
+#: ops reading positions as indices into a tensor sized by the capture's batch (BERT's token types)
+_FIXED_BATCH_INDEXING = (torch.ops.aten.gather.default,)
 
 
 def _current_input(site: LinearSite) -> fx.Node:

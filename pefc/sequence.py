@@ -51,24 +51,43 @@ _POSITION_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
 
 def extend_attention_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
                           slots: torch.Tensor, is_causal: bool,
+                          visible: torch.Tensor | None = None,
                           bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """The SDPA mask for keys ``[slots; key]``: every query sees every slot.
 
     ``mask`` is bool (True = attend) or additive float, broadcastable to ``[..., L, S]``;
-    ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit. ``bias``
-    (``[..., L, n]``, see :mod:`pefc.relbias`) is the float mask's value at the slots, else 0.
+    ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit.
+    ``visible`` (bool ``[batch]``, per-row selection) shows the slots to those rows only.
+    ``bias`` (``[..., L, n]``, see :mod:`pefc.relbias`) is the float mask's value at the slots, else 0
+    (without per-row selection).
     """
-    if bias is not None and mask is not None and mask.is_floating_point():
+    if bias is not None and visible is None and mask is not None and mask.is_floating_point():
         return widen_key_axis(mask, slots, 0.0, bias)
     n, length = slots.shape[-2], key.shape[-2]
     if mask is None:
-        if not is_causal:
+        if not is_causal and visible is None:
             return None
-        mask = torch.ones(query.shape[-2], length, dtype=torch.bool, device=query.device).tril()
+        mask = torch.ones(query.shape[-2], length, dtype=torch.bool, device=query.device)
+        mask = mask.tril() if is_causal else mask
     mask = mask.expand(*mask.shape[:-1], length)
     fill = True if mask.dtype == torch.bool else 0
+    if visible is not None:
+        return torch.cat(_row_visible_pad(mask, visible, n), dim=-1)
     pad = torch.full((*mask.shape[:-1], n), fill, dtype=mask.dtype, device=mask.device)
     return torch.cat([pad, mask], dim=-1)
+
+
+def _row_visible_pad(mask: torch.Tensor, visible: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``[pad, mask]`` with a batch dim: the ``n`` slots attendable in the ``visible`` rows only."""
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    rows = visible.shape[0]
+    mask = mask.expand(rows, *mask.shape[1:])
+    shown = visible.view(rows, 1, 1, 1).expand(*mask.shape[:-1], n)
+    if mask.dtype == torch.bool:
+        return [shown, mask]
+    blocked = torch.full_like(shown, torch.finfo(mask.dtype).min, dtype=mask.dtype)
+    return [torch.where(shown, torch.zeros_like(blocked), blocked), mask]
 
 
 def prepend_positions(x: torch.Tensor, dim: int, n: int) -> torch.Tensor:
@@ -261,7 +280,7 @@ def offset_positions(graph_module: fx.GraphModule, offset: int,
 
 
 def prepend_kv(graph: fx.Graph, attention: Attention, make_slots: Callable[[fx.Node, fx.Node], fx.Node],
-               masks: dict[Any, fx.Node] | None = None) -> fx.Node:
+               masks: dict[Any, fx.Node] | None = None, *, visible: fx.Node | None = None) -> fx.Node:
     """Feed ``attention`` keys ``[k_slots; key]`` and values ``[v_slots; value]``; return the slots node.
 
     ``make_slots(key, value)`` inserts (at the graph's insertion point) a node producing
@@ -270,18 +289,18 @@ def prepend_kv(graph: fx.Graph, attention: Attention, make_slots: Callable[[fx.N
     (SDPA: by :func:`extend_attention_mask`, a ``None`` mask with ``is_causal`` becomes an
     explicit one; written out: :func:`widen_key_axis` with each mask's fill). ``masks``
     caches widened masks by original mask node so attentions sharing a mask share its
-    widened form.
+    widened form. ``visible`` (a bool ``[batch]`` node; SDPA only) shows the slots to those rows only.
     """
     cache = masks if masks is not None else {}
     if attention.form == "sdpa":
-        slots = _prepend_kv_sdpa(graph, attention.output, make_slots, cache)
+        slots = _prepend_kv_sdpa(graph, attention.output, make_slots, cache, visible)
         attention.key, attention.value = get_arg(attention.output, "key"), get_arg(attention.output, "value")
         return slots
     return _prepend_kv_eager(graph, attention, make_slots, cache)
 
 
 def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[fx.Node, fx.Node], fx.Node],
-                     masks: dict[Any, fx.Node]) -> fx.Node:
+                     masks: dict[Any, fx.Node], visible: fx.Node | None = None) -> fx.Node:
     query, key, value = (get_arg(attention, name) for name in ("query", "key", "value"))
     mask, is_causal = get_arg(attention, "attn_mask"), get_arg(attention, "is_causal")
     if isinstance(is_causal, fx.Node):
@@ -293,19 +312,19 @@ def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[
         new_key = graph.call_function(aten.cat.default, ([k_slots, key], -2))
         new_value = graph.call_function(aten.cat.default, ([v_slots, value], -2))
         new_mask = None
-        if mask is not None or is_causal:
+        if mask is not None or is_causal or visible is not None:
             cache = masks if mask is not None else {}
             new_mask = cache.get(mask)
             if new_mask is None:
                 bias = slot_bias(graph, mask, k_slots, masks)
-                new_mask = graph.call_function(extend_attention_mask, (mask, query, key, k_slots, bool(is_causal),
-                                                                      bias))
+                args = (mask, query, key, k_slots, bool(is_causal), visible, bias)
+                new_mask = graph.call_function(extend_attention_mask, args)
                 cache[mask] = new_mask
     set_arg(attention, "key", new_key)
     set_arg(attention, "value", new_value)
     if new_mask is not None:
         set_arg(attention, "attn_mask", new_mask)
-        if is_causal:
+        if is_causal or visible is not None:
             set_arg(attention, "is_causal", False)
     return slots
 

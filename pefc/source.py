@@ -15,7 +15,7 @@ from torch import nn
 from pefc.errors import ModelSourceError
 from pefc.hfcheck import read_pretrained_config
 from pefc.ramcheck import check_fits, tensor_bytes
-from pefc.spec import InputSpec, ModelSpec, SpecBase
+from pefc.schema import InputSpec, ModelSpec, SpecBase
 from pefc.trust import require_consent
 
 

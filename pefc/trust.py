@@ -14,30 +14,15 @@ A model passed to ``pefc.compile(spec, model=...)`` needs none: the user built i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pefc.errors import ModelSourceError
 
 if TYPE_CHECKING:
-    from pefc.spec import ModelSpec
+    from pefc.schema import ModelSpec
 
 ENV_VAR = "PEFC_TRUST_CODE"
 OPT_IN = f"--trust-code (CLI), trust_code=True (pefc.load_spec / pefc.compile / pefc.plan) or {ENV_VAR}=1"
-
-
-@dataclass(eq=False)
-class Origin:
-    """Where a ``model`` section came from: consent to run its code, and the spec file's folder (its
-    ``python`` module is looked up there first). Not part of the spec's value: any two are equal."""
-
-    trust_code: bool = False
-    folder: str | None = None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Origin)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def env_trusts_code() -> bool:

@@ -59,6 +59,18 @@ def build_hf(family: str, seed: int = 0) -> torch.nn.Module:
     return build_model(ModelSpec.model_validate({"hf": FAMILIES[family], "seed": seed}))
 
 
+_SHARED: dict[str, torch.nn.Module] = {}
+
+
+def shared_hf(family: str) -> torch.nn.Module:
+    """One `build_hf(family)` module (eval mode) per test process. Compiling it again with the same
+    inputs reuses its capture (``PEFC_CAPTURE_CACHE``: a module is keyed by identity and state), so
+    tests that only read it share one capture. Never modify it in place: deep-copy it first."""
+    if family not in _SHARED:
+        _SHARED[family] = build_hf(family).eval()
+    return _SHARED[family]
+
+
 def batch(b: int = 3, s: int = 5, vocab: int = 100, seed: int = 0, pad: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (b, s), generator=g)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import batch, build_hf, make_spec, randomize_adapters
+from conftest import INPUTS, batch, make_spec, randomize_adapters, shared_hf
 
 import pefc
 from pefc.interop import peft as interop
@@ -42,7 +42,7 @@ def peft_checkpoint(family: str, config: Any, directory: Path, seed: int = 3, sc
     """A PeftModel with random adapter tensors, saved by its own save_pretrained into ``directory``."""
     import peft
 
-    base = build_hf(family).eval()
+    base = shared_hf(family)
     reference = peft.get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -59,7 +59,7 @@ def from_peft(family: str, config: Any, tmp_path: Path) -> dict[str, Any]:
     import peft
 
     base, reference = peft_checkpoint(family, config, tmp_path / "peft")
-    model = interop.load(tmp_path / "peft", base)
+    model = interop.load(tmp_path / "peft", base, inputs=INPUTS, example_inputs=batch(2, 8))
     imported = max_diff(reference, model)
     interop.save(model, tmp_path / "back")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
@@ -71,14 +71,16 @@ def from_pefc(family: str, entry: dict[str, Any], tmp_path: Path, scale: float =
     """pefc -> peft -> pefc: save a compiled adapter for PEFT, compare, import it back, compare again."""
     import peft
 
-    base = build_hf(family).eval()
-    model = pefc.compile(parse_spec(make_spec([entry], family=None)), model=base, example_inputs=batch(2, 8))
+    base = shared_hf(family)
+    spec = make_spec([entry], family=None)
+    model = pefc.compile(parse_spec(spec), model=base, example_inputs=batch(2, 8))
     randomize_adapters(model, scale=scale)
     model.eval()
     interop.save(model, tmp_path / "peft")
     reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
     exported = max_diff(reference, model)
-    back = interop.load(tmp_path / "peft", base, name=entry["name"])
+    back = interop.load(tmp_path / "peft", base, name=entry["name"], inputs=spec["inputs"],
+                        example_inputs=batch(2, 8))  # reuses the capture
     return {"export": exported, "import": max(max_diff(reference, back), max_diff(model, back)),
             "effect": effect(base, model), "model": model, "back": back}
 

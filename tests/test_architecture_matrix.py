@@ -6,8 +6,8 @@ checkpoint with non-zero A and B loads through ``pefc.interop.peft.load`` with t
 ``PeftModel``'s outputs on shapes other than the capture's (float32, atol 1e-4).
 
 The matrix is a table: add a row to ``ROWS`` (name, transformers class, config). Each row
-captures once: the loaded checkpoint and the role selectors compile the same spec-built model,
-so the second compile reuses the capture (``PEFC_CAPTURE_CACHE``, see conftest).
+captures once: the loaded checkpoint and the role selectors compile the same base module with
+the same inputs, so the second compile reuses the capture (``PEFC_CAPTURE_CACHE``, see conftest).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from arch_models import BART, DEBERTA, SEQ2SEQ_INPUTS, T5, VISION_INPUTS, VIT, random_peft
+from arch_models import BART, DEBERTA, T5, VIT, random_peft
 from torch import nn
 
 import pefc
@@ -110,9 +110,9 @@ ROWS = [
     Row("layoutlm", "LayoutLMModel", ENCODER, "layoutlm"),
     Row("deberta", "DebertaModel", ENCODER, "deberta"),
     Row("deberta-v2", DEBERTA["class"], DEBERTA["config"], "deberta-v2"),  # with disentangled attention
-    Row("t5", T5["class"], T5["config"], "t5", extra={"inputs": SEQ2SEQ_INPUTS}),
-    Row("bart", BART["class"], BART["config"], "bart", extra={"inputs": SEQ2SEQ_INPUTS}),
-    Row("vit", VIT["class"], VIT["config"], "vit", extra={"inputs": VISION_INPUTS, "targets": ["q_proj", "v_proj"]}),
+    Row("t5", T5["class"], T5["config"], "t5"),
+    Row("bart", BART["class"], BART["config"], "bart"),
+    Row("vit", VIT["class"], VIT["config"], "vit", extra={"targets": ["q_proj", "v_proj"]}),
 ]
 
 
@@ -170,15 +170,15 @@ def test_roles_and_peft_lora(row: Row, tmp_path):
     base = build_model(ModelSpec.model_validate(model_spec)).eval()
     reference = peft_reference(base, row.extra.get("targets"))  # ViT, mixtral: PEFT's table fails, by name
     reference.save_pretrained(tmp_path)
-    loaded = interop.load(tmp_path, model_spec=model_spec)
-    inputs = row.extra.get("inputs", HF_INPUTS)
+    loaded = interop.load(tmp_path, base)
+    inputs = {name: entry.model_dump(mode="json") for name, entry in loaded.pefc.spec.inputs.items()}
     batches = {"pixel_values": pixel_inputs, "decoder_input_ids": seq2seq_inputs}
     batch_of = next((f for key, f in batches.items() if key in inputs), inputs_of)
     diff = max_diff(reference, loaded, batch_of)
     roles = sorted({ROLE_OF[name] for name in row.extra.get("targets") or PEFT_TARGETS[row.model_type]})
-    spec = parse_spec({"version": 1, "model": model_spec, "inputs": inputs,
+    spec = parse_spec({"version": 1, "inputs": inputs,  # the loaded model's: its capture of `base` is reused
                        "adapters": [{"name": "roles", "method": "lora", "r": 2, "target": ["@" + r for r in roles]}]})
-    picked = {i.site_path for i in pefc.compile(spec).pefc.insertions}
+    picked = {i.site_path for i in pefc.compile(spec, model=base).pefc.insertions}
     RESULTS[row.name] = (picked == lora_modules(reference), diff)
     print(f"matrix row {row.name}: roles ok {picked == lora_modules(reference)}, max |diff| {diff:.1e}")
     assert picked == lora_modules(reference), f"{row.name}: roles {roles} pick {sorted(picked)}"

@@ -62,14 +62,24 @@ pefc.checkpoint.save_file = slow_save_file
 """
 
 
-# A warmed-up process (torch, pefc, onnx imported; the test model captured once) that forks one writer
-# per round: each round then costs a fork, not a Python start-up and a capture. The writer's stdout is a
+# A warmed-up process (torch, pefc, onnx imported; the test model captured and exported once) that forks
+# one writer per round: each round then costs a fork, not a Python start-up, a capture and an export. The writer's stdout is a
 # FIFO the test reads; SIGCHLD is ignored there, so killed writers are reaped by the kernel.
 FORK_SERVER = PRELUDE + f"""
 import json, os, signal
 import onnx, pefc.cli, pefc.export
 torch.set_num_threads(1)  # no OpenMP pool in the parent: forked children stay safe
-pefc.compile(parse_spec(make_spec([{LORA!r}])))  # fills the capture cache the writers hit
+_model = pefc.compile(parse_spec(make_spec([{LORA!r}])))  # fills the capture cache the writers hit
+_program = []
+_torch_export = pefc.export._torch_export
+def _exported_once(*args, **kwargs):  # writers re-save one ONNX program, so a kill lands in a save
+    if not _program:
+        _program.append(_torch_export(*args, **kwargs))
+    return _program[0]
+pefc.export._torch_export = _exported_once
+import tempfile
+with tempfile.TemporaryDirectory() as _tmp:
+    pefc.export.export_onnx(_model, os.path.join(_tmp, "warm.onnx"))  # exported here, before any fork
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 say("serving")
 for request in map(json.loads, sys.stdin):

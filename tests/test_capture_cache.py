@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import batch, make_spec
+from conftest import batch, build_hf, make_spec
 
 import pefc
 from pefc import capture_cache
@@ -45,3 +45,34 @@ def test_cache_entries_are_private_copies():
     again = pefc.compile(parse_spec(SPEC))
     assert not torch.equal(next(again.parameters()), next(hit.parameters()))
     capture_cache.enable(16)
+
+
+def test_a_given_module_is_captured_once_while_it_is_unchanged(monkeypatch):
+    from pefc import capture
+
+    base = build_hf("llama")
+    spec = parse_spec(make_spec(SPEC["adapters"], family=None))
+    captures = []
+    real = capture.capture
+    monkeypatch.setattr("pefc.compiler.capture", lambda *a, **k: captures.append(1) or real(*a, **k))
+    capture_cache.enable(4)
+    try:
+        first = pefc.compile(spec, model=base)
+        second = pefc.compile(spec, model=base)  # a hit: same module, same state
+        assert len(captures) == 1
+        weight = "model.layers.0.self_attn.q_proj.weight"
+        shared = dict(base.named_parameters())[weight]
+        assert all(dict(m.named_parameters())[weight] is shared for m in (first, second))  # no copy of the base
+        inputs = batch(3, 5)
+        with torch.no_grad():
+            assert torch.equal(first.eval()(**inputs).logits, second.eval()(**inputs).logits)
+        pefc.compile(spec, model=base, example_inputs=batch(2, 6))  # other example tensors: captured
+        assert len(captures) == 2
+        with torch.no_grad():
+            shared.mul_(2.0)  # changed in place: captured again
+        pefc.compile(spec, model=base)
+        assert len(captures) == 3
+        pefc.compile(spec, model=build_hf("llama"))  # an equal but other module: captured
+        assert len(captures) == 4
+    finally:
+        capture_cache.enable(16)

@@ -6,7 +6,9 @@ Per document, in a temporary working directory holding the repository's ``specs/
 ```sh lines run through the real CLI (``pefc ...`` in-process, ``python ...`` and
 ``torchrun ...`` as subprocesses); ```yaml blocks are validated as specs. A block that needs
 hardware absent here is preceded by ``<!-- not run: REASON -->`` with REASON from
-``NOT_RUN_REASONS``; every other block must run. A python block that calls
+``NOT_RUN_REASONS``; a block another test runs (and checks more closely) by
+``<!-- run by tests/FILE.py -->``, where FILE calls :func:`blocks_run_by`; every other block
+must run. A python block that calls
 ``init_distributed`` runs as under ``torchrun --nproc_per_node=1`` (torchrun's environment
 for one process; the process group is torn down after the document).
 """
@@ -39,6 +41,7 @@ SHELL = {"bash", "console", "sh"}
 SNIPPETS = {"python", "yaml", *SHELL}
 FRAGMENT_BASE = "specs/llama-lora.yaml"  # what a YAML fragment (no `version`) is merged over
 MARKER = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->")
+RUN_BY = re.compile(r"<!--\s*run by (tests/[\w/]+\.py)\s*-->")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Block:
     lang: str
     text: str
     not_run: str | None
+    run_by: str | None = None
 
     @property
     def where(self) -> str:
@@ -65,14 +69,19 @@ def blocks(doc: Path) -> list[Block]:
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
         assert end is not None, f"{doc.name}:{i + 1}: unterminated code fence"
         before = next((line for line in reversed(lines[:i]) if line.strip()), "")
-        marker = MARKER.fullmatch(before.strip())
+        marker, run_by = MARKER.fullmatch(before.strip()), RUN_BY.fullmatch(before.strip())
         if fence.group(1) in SNIPPETS:
             found.append(Block(doc, i + 1, fence.group(1), "\n".join(lines[i + 1:end]) + "\n",
-                               marker.group(1) if marker else None))
+                               marker.group(1) if marker else None, run_by.group(1) if run_by else None))
         else:
-            assert not marker, f"{doc.name}:{i + 1}: a not-run marker before a {fence.group(1) or 'plain'} block"
+            assert not marker and not run_by, f"{doc.name}:{i + 1}: a marker before a {fence.group(1) or 'plain'} block"
         i = end + 1
     return found
+
+
+def blocks_run_by(test_file: str) -> list[Block]:
+    """The blocks of every document marked ``<!-- run by TEST_FILE -->`` (``tests/...py``), for that file to run."""
+    return [b for doc in DOCS for b in blocks(doc) if b.run_by == test_file]
 
 
 def ci_command() -> str:
@@ -213,6 +222,11 @@ def test_every_snippet_of_the_document_runs(doc: Path, workdir: Path, tmp_path: 
     ran, skipped = [], []
     try:
         for block in blocks(doc):
+            if block.run_by:
+                source = (ROOT / block.run_by).read_text() if (ROOT / block.run_by).is_file() else ""
+                assert f'blocks_run_by("{block.run_by}")' in source, f"{block.where}: {block.run_by} does not run it"
+                skipped.append(block.where)
+                continue
             if block.not_run:
                 assert block.not_run in NOT_RUN_REASONS, f"{block.where}: unknown reason {block.not_run!r}"
                 skipped.append(block.where)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, build_hf, make_spec, randomize_adapters
+from conftest import batch, build_hf, make_spec, randomize_adapters, shared_hf
 from test_lora_matches_peft import copy_adapters_from_peft
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -30,7 +30,7 @@ def dora(targets: list[str], **keys) -> list[dict]:
 def peft_and_pefc(family: str, dropout: float = 0.0):
     """A peft DoRA model with random A, B, m and a pefc model holding the same tensors."""
     ours, theirs, _ = CASES[family]
-    base = build_hf(family)
+    base = shared_hf(family)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=theirs, use_dora=True, lora_dropout=dropout,
         fan_in_fan_out=family == "gpt2"))

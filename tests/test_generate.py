@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, build_hf, make_spec
+from conftest import batch, make_spec, shared_hf
 from peft_roundtrip import effect, peft_checkpoint
 
 import pefc
@@ -28,7 +28,7 @@ LINEAR = {  # family -> peft target_modules
 
 def peft_and_pefc(family: str, config, tmp_path):
     _, reference = peft_checkpoint(family, config, tmp_path)
-    return reference, interop.load(tmp_path, build_hf(family).eval())
+    return reference, interop.load(tmp_path, shared_hf(family))  # one capture per family
 
 
 def greedy_forward_loop(model, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_greedy_matches_a_peft_forward_loop_with_prefix_and_prompt(family, metho
     ids = batch(2, 5)["input_ids"]
     want = greedy_forward_loop(reference, ids, NEW)
     assert torch.equal(want, model.generate(ids, NEW))
-    assert effect(build_hf(family).eval(), model) > 1e-3  # the adapter matters
+    assert effect(shared_hf(family), model) > 1e-3  # the adapter matters
 
 
 def test_padded_rows_generate_as_if_unpadded(tmp_path):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, build_hf, make_spec, randomize_adapters
+from conftest import batch, make_spec, randomize_adapters, shared_hf
 
 import pefc
 from pefc.spec import parse_spec
@@ -40,7 +40,7 @@ def copy_vectors_from_peft(compiled, peft_model) -> int:
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_ia3_outputs_match_peft(family):
     ours, targets, feedforward = CASES[family]
-    base = build_hf(family)
+    base = shared_hf(family)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
         target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=family == "gpt2"))
     torch.manual_seed(5)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import batch, build_hf, make_spec
+from conftest import batch, make_spec, shared_hf
 
 import pefc
 from pefc.spec import parse_spec
@@ -42,7 +42,7 @@ def copy_adapters_from_peft(compiled, peft_model) -> int:
 @pytest.mark.parametrize("rslora", [False, True])
 def test_lora_logits_match_peft(family, rslora):
     ours_targets, peft_targets = CASES[family]
-    base = build_hf(family)
+    base = shared_hf(family)
     reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=peft_targets, use_rslora=rslora, lora_dropout=0.0))
     torch.manual_seed(3)

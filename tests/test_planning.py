@@ -199,12 +199,18 @@ def test_a_method_without_a_formula_is_planned_by_a_full_capture():
     assert plan.report.trainable_params == 3 * 32
 
 
-def test_plan_of_7b_equals_the_full_meta_capture():
+def test_plan_of_a_7b_wide_stack_equals_the_full_meta_capture():
+    """Llama-2-7B's widths with 12 of its 32 layers (two-digit layer indices included): the full
+    meta capture of all 32 takes 25 s; the plan's replication does not depend on the count."""
     spec = pefc.load_spec(SPECS / "llama2-7b-ia3.yaml")
+    config = {**spec.model.hf.config, "num_hidden_layers": 12}
+    spec = spec.model_copy(update={"model": spec.model.model_copy(
+        update={"hf": spec.model.hf.model_copy(update={"config": config})})})
     plan = pefc.plan(spec)
-    assert plan.strategy == "replicated"
+    assert plan.strategy == "replicated" and plan.stacks == {"model.layers": 12}
     full = pefc.compile(spec, device="meta").parameter_report().to_dict()
     assert _without_plan(plan.to_dict()) == full
+    assert full["trainable_params"] == 12 * (4096 + 4096 + 11008)  # k, v and the down projection's input
 
 
 _PEAK_RSS = ("import resource, sys; from pefc.cli import main; code = main(sys.argv[1:]); "

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyLM, TwoLayerMLP, batch, build_hf, make_spec
+from conftest import TinyLM, TwoLayerMLP, batch, make_spec, shared_hf
 from torch import nn
 
 import pefc
@@ -65,7 +65,7 @@ def main_output(out) -> torch.Tensor:
 @pytest.mark.parametrize("projection", [False, True], ids=["plain", "projection"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_prefix_logits_match_peft(family, projection):
-    base = build_hf(family)
+    base = shared_hf(family)
     reference = peft_prefix(base, family, projection)
     compiled = compile_prefix(base, projection).eval()
     copy_from_peft(compiled, reference)
@@ -80,7 +80,7 @@ def test_prefix_logits_match_peft(family, projection):
 
 
 def test_bake_gives_peft_saved_table_and_same_outputs():
-    base = build_hf("llama")
+    base = shared_hf("llama")
     reference = peft_prefix(base, "llama", projection=True)
     compiled = compile_prefix(base, projection=True).eval()
     copy_from_peft(compiled, reference)

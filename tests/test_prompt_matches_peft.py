@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TinyLM, TwoLayerMLP, batch, build_hf, make_spec
+from conftest import TinyLM, TwoLayerMLP, batch, make_spec, shared_hf
 from torch import nn
 
 import pefc
@@ -47,7 +47,7 @@ def copy_from_peft(compiled: pefc.CompiledModel, reference) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_prompt_outputs_match_peft(family):
-    base = build_hf(family)
+    base = shared_hf(family)
     reference = peft_prompt(base, family)
     compiled = compile_prompt(base).eval()
     copy_from_peft(compiled, reference)
@@ -88,7 +88,7 @@ def test_bert_classifier_with_token_type_ids_matches_peft():
 
 def test_loss_from_labels_matches_peft():
     """PEFT prepends -100 labels for the prompt; pefc pads a loss's targets with its ignore_index."""
-    base = build_hf("llama")
+    base = shared_hf("llama")
     reference = peft_prompt(base, "llama")
     inputs = dict(make_spec([])["inputs"], labels={"shape": ["batch", "seq"], "dtype": "int64", "high": 100})
     example = {**batch(2, 8), "labels": torch.randint(0, 100, (2, 8))}
@@ -103,7 +103,7 @@ def test_loss_from_labels_matches_peft():
 
 
 def test_vocab_init_copies_embedding_rows_reproducibly():
-    base = build_hf("llama")
+    base = shared_hf("llama")
     first = compile_prompt(base, init="vocab", seed=7)
     second = compile_prompt(base, init="vocab", seed=7)
     prompt = first.pr.model.embed_tokens.prompt_embeddings

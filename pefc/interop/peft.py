@@ -30,7 +30,7 @@ from pefc.interop.peft_files import (
 )
 from pefc.interop.peft_load import adapter_entry, exact_entry, method_of, pefc_tensors, saved_modules
 from pefc.interop.peft_save import PEFT_METHODS, adapter_of, peft_adapter, task_type
-from pefc.spec import ModelSpec
+from pefc.schema import ModelSpec
 
 if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
@@ -54,22 +54,27 @@ def load(peft_dir: str | Path, base_model: nn.Module | None = None, *, name: str
     ``inputs`` (the spec's ``inputs``) and ``example_inputs``. ``trust_code=True`` consents to
     import and call a ``model_spec``'s ``python`` factory (:mod:`pefc.trust`).
     """
+    from pefc.compiler import compile, compile_built
 
     checkpoint = read_peft_dir(peft_dir)
     check_supported(checkpoint)
     method = method_of(checkpoint)
-    from_spec = base_model is None and example_inputs is None  # the spec builds this very base again
+    built = base_model is None  # built here from model_spec: compiled as the spec's model (capture cache)
     base_model, model_spec = _base(checkpoint, base_model, model_spec, trust_code)
     checkpoint, head_tensors, heads = saved_modules(checkpoint, base_model)
     name = name or method
     if method == "prefix":
         _warn_sliding_window(base_model)
     entry, modules = adapter_entry(checkpoint, base_model, name, method)
-    spec = _spec(entry, base_model, model_spec, inputs, heads)
-    model = _compile(spec, base_model, example_inputs, from_spec, trust_code)
+
+    def compiled(spec: Any) -> CompiledModel:
+        if built and example_inputs is None:
+            return compile_built(spec, base_model)
+        return compile(spec, model=base_model, example_inputs=example_inputs)
+
+    model = compiled(_spec(entry, base_model, model_spec, inputs, heads))
     if modules and {i.site_path for i in model.pefc.insertions} != set(modules):  # selectors picked others
-        spec = _spec(exact_entry(entry, modules), base_model, model_spec, inputs, heads)
-        model = _compile(spec, base_model, example_inputs, from_spec, trust_code)
+        model = compiled(_spec(exact_entry(entry, modules), base_model, model_spec, inputs, heads))
     _copy_in(model, {**pefc_tensors(checkpoint, model, name, method), **head_tensors})
     return model.eval()
 
@@ -112,19 +117,6 @@ def local_base_model(checkpoint: PeftCheckpoint | str | Path) -> ModelSpec:
         "config.json (pefc never downloads models)",
         hint="give the base model: load(peft_dir, base_model) or model_spec=...; "
              "on the command line --base DIR or --model-spec FILE")
-
-
-def _compile(spec: Any, base: nn.Module, example_inputs: dict[str, torch.Tensor] | None, from_spec: bool,
-             trust_code: bool) -> CompiledModel:
-    """``spec`` compiled on ``base``; through ``spec.model`` when that built ``base`` (from transformers, not
-    from a consented ``python`` factory) and the capture cache is on (:mod:`pefc.capture_cache`), so that
-    loads of one base share its capture."""
-    from pefc import capture_cache
-    from pefc.compiler import compile
-
-    if from_spec and capture_cache.enabled() and spec.model is not None and spec.model.hf is not None:
-        return compile(spec, trust_code=trust_code)
-    return compile(spec, model=base, example_inputs=example_inputs)
 
 
 def _base(checkpoint: PeftCheckpoint, base: nn.Module | None,

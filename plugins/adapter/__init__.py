@@ -75,6 +75,7 @@ class Adapter(pefc.Method):
     config = BottleneckConfig
     site_kinds = ("linear",)
     mergeable = False
+    selectable = True
     description = "Bottleneck adapter after (sequential) or beside (parallel) a sublayer (Houlsby 2019, He 2022)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: BottleneckConfig, sites: Sequence[pefc.Site]) -> None:

@@ -29,3 +29,15 @@ class Bottleneck(pefc.SiteModule):
         h = (x if self.parallel else y).to(self.down.weight.dtype)
         return y + (self.up(self.act(self.down(h))) * self.scaling).to(y.dtype)
 
+    def row_values(self) -> dict[str, str | float]:
+        return {"down": "down.weight", "down_bias": "down.bias", "up": "up.weight", "up_bias": "up.bias",
+                "scaling": self.scaling}
+
+    def row_key(self) -> tuple[object, ...]:
+        return ("bottleneck", self.parallel, type(self.act).__name__)
+
+    def rowwise(self) -> nn.Module:
+        from pefc_plugins.adapter.rowwise import BottleneckRows
+
+        return BottleneckRows(type(self.act)(), self.parallel)
+

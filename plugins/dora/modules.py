@@ -93,6 +93,19 @@ class DoraUpdate(LoraUpdate):
         norm = _nonzero(torch.linalg.vector_norm(merged, dim=1))
         return (self.lora_magnitude_vector.to(merged.dtype) / norm)[:, None] * merged, bias
 
+    # -- per-row selection (the rows compute in pefc_plugins.dora.rowwise) --
+
+    def row_values(self) -> dict[str, str | float]:
+        return {**super().row_values(), "magnitude": "lora_magnitude_vector"}
+
+    def row_key(self) -> tuple[Any, ...]:
+        return ("dora", *super().row_key()[1:], self.dropout_scope, self.layout)
+
+    def rowwise(self) -> nn.Module:
+        from pefc_plugins.dora.rowwise import DoraRows
+
+        return DoraRows(super().row_key()[1], self.dropout_scope, self.layout)
+
 
 def _version_key(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Changes whenever ``tensor``'s values may have: another storage, an in-place update, a cast or a move."""
@@ -118,4 +131,5 @@ def _tracing(*tensors: torch.Tensor) -> bool:
     """Under torch.compile / torch.export (fake tensors) or with tensor subclasses (DTensor) no cache is kept."""
     return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or any(type(t) not in (torch.Tensor, nn.Parameter) for t in tensors))
+
 

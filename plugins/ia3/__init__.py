@@ -33,6 +33,7 @@ class IA3(pefc.Method):
     config = IA3Config
     site_kinds = ("linear",)
     mergeable = True
+    selectable = True
     description = "Learned rescaling of attention k/v outputs and FFN inputs (Liu et al. 2022, (IA)^3)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: IA3Config, sites: Sequence[pefc.Site]) -> None:

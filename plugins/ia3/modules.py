@@ -22,6 +22,14 @@ class IA3Output(pefc.SiteModule):
         scale = self.ia3_l.to(weight.dtype)
         return weight * scale[:, None], bias * scale if bias is not None else None
 
+    def row_values(self) -> dict[str, str | float]:
+        return {"l": "ia3_l"}
+
+    def rowwise(self) -> nn.Module:
+        from pefc_plugins.ia3.rowwise import IA3Rows
+
+        return IA3Rows(output=True)
+
 
 class IA3Input(pefc.SiteModule):
     """``x * l`` fed to the linear; ``l: [in]``, ones at init."""
@@ -35,4 +43,12 @@ class IA3Input(pefc.SiteModule):
 
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return weight * self.ia3_l.to(weight.dtype)[None, :], bias
+
+    def row_values(self) -> dict[str, str | float]:
+        return {"l": "ia3_l"}
+
+    def rowwise(self) -> nn.Module:
+        from pefc_plugins.ia3.rowwise import IA3Rows
+
+        return IA3Rows(output=False)
 

@@ -57,6 +57,7 @@ class Lora(pefc.Method):
     config = LoraConfig
     site_kinds = ("linear",)
     mergeable = True
+    selectable = True
     description = "Low-rank update of linear weights (Hu et al. 2021)"
 
     def rewrite(self, ctx: pefc.RewriteContext, config: LoraConfig, sites: Sequence[pefc.Site]) -> None:

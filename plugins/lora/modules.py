@@ -52,3 +52,20 @@ class LoraUpdate(pefc.SiteModule):
     def fold(self, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return weight + self.delta_weight().to(weight.dtype), bias
 
+
+    # -- per-row selection (the rows compute in pefc_plugins.lora.rowwise) --
+
+    def row_values(self) -> dict[str, str | float]:
+        return {"a": "lora_A", "b": "lora_B", "scaling": self.scaling}
+
+    def row_key(self) -> tuple[object, ...]:
+        return ("lora", _dropout_p(self.dropout))
+
+    def rowwise(self) -> nn.Module:
+        from pefc_plugins.lora.rowwise import LoraRows
+
+        return LoraRows(_dropout_p(self.dropout))
+
+
+def _dropout_p(dropout: nn.Module) -> float:
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0

@@ -53,6 +53,7 @@ class Prefix(pefc.Method):
     config = PrefixConfig
     site_kinds = ("attention",)
     mergeable = False
+    selectable = True
     identity_at_init = False  # random prefixes / prompts, as in HF PEFT
     description = "Trainable key/value prefixes in every attention (Li & Liang 2021)"
 

@@ -1,0 +1,30 @@
+"""LoRA selected per row: batched products over each row's gathered ``A`` and ``B`` (BGMV)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pefc.selection import by_row
+
+
+def low_rank_rows(x: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  scaling: torch.Tensor) -> torch.Tensor:
+    """``s_i B_i A_i x`` for each row ``i`` as ``[batch, tokens, out]``; ``a`` ``[n, r, in]``, ``b`` ``[n, out, r]``,
+    ``scaling`` ``[n]`` stacked over the members, ``index`` ``[batch]`` each row's member."""
+    rows = by_row(x, index.shape[0]).to(a.dtype)
+    h = torch.bmm(rows, a[index].transpose(1, 2)) * scaling.to(a.dtype)[index][:, None, None]
+    return torch.bmm(h, b[index].transpose(1, 2))
+
+
+class LoraRows(nn.Module):
+    """``y + s_i B_i A_i dropout(x)`` per row (rows of no member: ``y``)."""
+
+    def __init__(self, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
+        delta = low_rank_rows(self.dropout(x), index, a, b, scaling)
+        return y + delta.reshape(y.shape).to(y.dtype)
