@@ -57,6 +57,9 @@ def capture(model: nn.Module, inputs: dict[str, torch.Tensor], dynamic_dims: dic
             hint = _capture_hint(exc)
             if _specialized(exc):
                 hint = _specialized_hint(export) or hint
+            elif hint == _GENERIC_HINT and (eager := _eager_failure(model, inputs)) is not None:
+                hint = (f"the model fails without torch.export too, called on the example inputs ({eager}): "
+                        "its code or config is wrong, not the capture")
             _release_export_state()
             fxsource.forget_since(sources)
             raise CaptureError(f"cannot capture model {name} with torch.export: {_reason(exc)}", hint=hint) from exc
@@ -206,7 +209,20 @@ def _capture_hint(exc: BaseException) -> str:
         return "the model branches on tensor values; make the branch static or use torch.cond"
     if "Constraints violated" in text or "specialized" in text:
         return "a named dim of `inputs` cannot be dynamic for this model; make it a fixed integer"
-    return "check that the model runs eagerly on the spec's example inputs and uses no Python-side state"
+    return _GENERIC_HINT
+
+
+_GENERIC_HINT = "check that the model runs eagerly on the spec's example inputs and uses no Python-side state"
+
+
+def _eager_failure(model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
+    """Why ``model(**inputs)`` fails when simply called (no export), or None when it runs."""
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except Exception as exc:  # noqa: BLE001 (the failure is what is reported)
+        return _reason(exc)
+    return None
 
 
 def bind_dropout_to_mode(graph_module: fx.GraphModule) -> None:

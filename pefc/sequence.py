@@ -20,6 +20,7 @@ functions called from ``call_function`` nodes, so the graph stays exportable.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -28,7 +29,8 @@ import torch.fx as fx
 
 from pefc.attention import Attention, find_attentions, heads_of
 from pefc.errors import PluginError
-from pefc.graphutil import attr_value, get_arg, meta_shape, set_arg
+from pefc.graphutil import attr_value, get_arg, meta_shape, module_path, set_arg
+from pefc.relbias import slot_bias
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -49,13 +51,18 @@ _POSITION_OPS = {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default,
 
 def extend_attention_mask(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
                           slots: torch.Tensor, is_causal: bool,
-                          visible: torch.Tensor | None = None) -> torch.Tensor | None:
+                          visible: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """The SDPA mask for keys ``[slots; key]``: every query sees every slot.
 
     ``mask`` is bool (True = attend) or additive float, broadcastable to ``[..., L, S]``;
     ``None`` with ``is_causal`` becomes SDPA's top-left causal mask made explicit.
     ``visible`` (bool ``[batch]``, per-row selection) shows the slots to those rows only.
+    ``bias`` (``[..., L, n]``, see :mod:`pefc.relbias`) is the float mask's value at the slots, else 0
+    (without per-row selection).
     """
+    if bias is not None and visible is None and mask is not None and mask.is_floating_point():
+        return widen_key_axis(mask, slots, 0.0, bias)
     n, length = slots.shape[-2], key.shape[-2]
     if mask is None:
         if not is_causal and visible is None:
@@ -100,9 +107,13 @@ def prepend_fill(x: torch.Tensor, dim: int, n: int, value: float) -> torch.Tenso
     return torch.cat([x.new_full(shape, value), x], dim=dim)
 
 
-def widen_key_axis(x: torch.Tensor, slots: torch.Tensor, fill: float | bool) -> torch.Tensor:
-    """A mask or bias over the keys (last dim) with ``fill`` for the ``slots.shape[-2]`` new keys in front."""
-    return prepend_fill(x, -1, slots.shape[-2], fill)
+def widen_key_axis(x: torch.Tensor, slots: torch.Tensor, fill: float | bool,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A mask or bias over the keys (last dim) with ``fill`` for the ``slots.shape[-2]`` new keys in front,
+    or ``bias`` (``[..., L, n]``: a relative position bias at the new keys, :mod:`pefc.relbias`)."""
+    if bias is None:
+        return prepend_fill(x, -1, slots.shape[-2], fill)
+    return torch.cat([bias.to(x.dtype).expand(*x.shape[:-1], bias.shape[-1]), x], dim=-1)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -305,7 +316,8 @@ def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[
             cache = masks if mask is not None else {}
             new_mask = cache.get(mask)
             if new_mask is None:
-                args = (mask, query, key, k_slots, bool(is_causal), *((visible,) if visible is not None else ()))
+                bias = slot_bias(graph, mask, k_slots, masks)
+                args = (mask, query, key, k_slots, bool(is_causal), visible, bias)
                 new_mask = graph.call_function(extend_attention_mask, args)
                 cache[mask] = new_mask
     set_arg(attention, "key", new_key)
@@ -321,9 +333,10 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
                       masks: dict[Any, fx.Node]) -> fx.Node:
     """Join slots where an attention written out reads its keys and values, and widen its masks and biases."""
     where = att.output.name
-    if att.pinned:
-        raise PluginError(f"attention {where}: reshape {att.pinned[0].name!r} spells out the key length, so extra "
-                          "keys cannot join this attention")
+    stuck = [r for r in att.pinned if _size_key(r.args[0], -1) is None or _size_key(r.args[0], -1) != _size_key(r, -1)]
+    if stuck:
+        raise PluginError(f"attention {where} ({module_path(att.output) or 'top level'}): {_described(stuck[0])} "
+                          "spells out the key length and moves the key axis, so extra keys cannot join this attention")
     if att.value_axis != -2:
         raise PluginError(f"attention {where}: the values carry the key positions in dim {att.value_axis}, not -2")
     for node in (att.key, att.value):
@@ -334,6 +347,8 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
     order = {n: i for i, n in enumerate(graph.nodes)}
     if order[att.value] > order[att.key_user]:
         raise PluginError(f"attention {where}: its values are computed after its scores; cannot join both there")
+    for reshape in att.pinned:
+        _unpin(graph, reshape)
     with graph.inserting_before(att.key_user):
         key = _canonical(graph, att.key, att.key_axis)
         value = _canonical(graph, att.value, -2)
@@ -350,11 +365,38 @@ def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.
         wide = masks.get((old, edge.fill))
         if wide is None:
             with graph.inserting_before(edge.consumer):
-                wide = graph.call_function(widen_key_axis, (old, k_slots, edge.fill))
+                bias = slot_bias(graph, old, k_slots, masks) if _is_additive(edge.fill) else None
+                wide = graph.call_function(widen_key_axis, (old, k_slots, edge.fill, bias))
             masks[(old, edge.fill)] = wide
         edge.consumer.update_arg(edge.index, wide)
     att.key, att.value = new_key, new_value
     return slots
+
+
+def _unpin(graph: fx.Graph, reshape: fx.Node) -> None:
+    """Make a reshape of scores or probabilities that spells out the key length (DeBERTa's
+    ``view(-1, H, S, S)``) read it from its input, which then may carry extra keys."""
+    source = reshape.args[0]
+    with graph.inserting_before(reshape):
+        length = graph.call_function(aten.sym_size.int, (source, len(meta_shape(source) or ()) - 1))
+    sizes = list(reshape.args[1])  # type: ignore[arg-type]
+    sizes[-1] = length
+    reshape.update_arg(1, sizes)
+
+
+def _described(node: fx.Node) -> str:
+    """``reshape 'view_7' (modeling.py:12: `code`)``: a node and the model line it comes from, where known."""
+    lines = [line.strip() for line in str(node.meta.get("stack_trace") or "").splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines[:-1]) if line.startswith("File ")]
+    if not frames:
+        return f"reshape {node.name!r}"
+    match = re.match(r'File "(?:.*/)?([^/"]+)", line (\d+)', lines[frames[-1]])
+    where = f"{match.group(1)}:{match.group(2)}" if match else lines[frames[-1]]
+    return f"reshape {node.name!r} ({where}: `{lines[frames[-1] + 1]}`)"
+
+
+def _is_additive(fill: float | bool) -> bool:
+    return not isinstance(fill, bool) and fill == 0.0
 
 
 def _canonical(graph: fx.Graph, node: fx.Node, axis: int) -> fx.Node:

@@ -18,13 +18,19 @@ BART = {"class": "BartForConditionalGeneration",
 VIT = {"class": "ViTForImageClassification",
        "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
                   "image_size": 16, "patch_size": 4, "num_labels": 3}}
+# DeBERTa-v3's disentangled attention (content-to-position and position-to-content terms; the config's
+# defaults have none)
+DEBERTA = {"class": "DebertaV2Model",
+           "config": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": 0,
+                      "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16}}
 MODELS = {"t5": T5, "bart": BART, "vit": VIT}
 # PEFT's default LoRA targets (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING;
 # ViT's attention projections are q_proj / v_proj in transformers 5)
 PEFT_TARGETS = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"], "vit": ["q_proj", "v_proj"]}
 
 SEQ2SEQ_INPUTS = {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64", "high": 100},
-                  "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2},
+                  "attention_mask": {"shape": ["batch", "seq"], "dtype": "int64", "low": 1, "high": 2, "optional": True},
                   "decoder_input_ids": {"shape": ["batch", "target"], "dtype": "int64", "high": 100}}
 VISION_INPUTS = {"pixel_values": {"shape": ["batch", 3, 16, 16], "dtype": "float32"}}
 # (batch, source length, target length): none is the capture's (2, 8, 3)

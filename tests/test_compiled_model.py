@@ -179,3 +179,35 @@ def test_untraceable_model_names_the_model_and_the_reason():
     with pytest.raises(pefc.CaptureError, match="cannot capture model DataDependent with torch.export") as info:
         pefc.compile(spec, model=DataDependent(), example_inputs={"x": torch.randn(2, 4)})
     assert "data-dependent" in str(info.value).lower() or "branches on tensor values" in str(info.value)
+
+
+class Misconfigured(torch.nn.Module):
+    """Fails when simply called (as StableLM with its default 32 key/value heads on 4 query heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x))
+
+
+class NumpyInside(torch.nn.Module):
+    """Runs when called, but torch.export cannot trace its round trip through numpy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + torch.from_numpy(x.detach().numpy()).sum()
+
+
+@pytest.mark.parametrize("model", [Misconfigured, NumpyInside])
+def test_capture_error_says_whether_the_model_runs_without_export(model):
+    spec = parse_spec({"version": 1, "inputs": {"x": {"shape": ["batch", 4], "dtype": "float32"}},
+                       "adapters": [{"name": "a", "method": "lora", "target": ["proj"]}]})
+    with pytest.raises(pefc.CaptureError) as info:
+        pefc.compile(spec, model=model(), example_inputs={"x": torch.randn(2, 4)})
+    eager = "fails without torch.export too, called on the example inputs (RuntimeError: mat1 and mat2 shapes"
+    assert (eager in info.value.hint) == (model is Misconfigured), info.value.hint

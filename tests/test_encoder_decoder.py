@@ -1,5 +1,5 @@
 """Encoder-decoders (T5, BART): roles in encoder, decoder and cross-attention, the kind selector,
-and a PEFT prefix checkpoint on BART loading with PEFT's logits. (PEFT's default LoRA targets
+and PEFT prefix checkpoints on T5 and BART loading with PEFT's logits. (PEFT's default LoRA targets
 and LoRA checkpoints on T5, BART and ViT: rows of tests/test_architecture_matrix.py.)"""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 
 import pytest
-from arch_models import max_diff, peft_checkpoint, spec
+from arch_models import MODELS, max_diff, peft_checkpoint, spec
 from conftest import make_spec
 
 import pefc
@@ -60,13 +60,18 @@ def test_a_kind_the_model_lacks_names_the_kinds_it_has():
         pefc.compile(parse_spec(data))
 
 
-def test_peft_prefix_on_bart_equals_peft(tmp_path):
-    """PEFT prefixes the decoder's self-attention only (its positions start after the prefix)."""
+DECODER_SELF = {"bart": "model.decoder.layers.{}.self_attn", "t5": "decoder.block.{}.layer.0.SelfAttention"}
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_peft_prefix_on_encoder_decoder_equals_peft(name, tmp_path):
+    """PEFT prefixes the decoder's self-attention only: its positions (BART) and the queries' relative
+    positions (T5's position bias, prefix keys at 0 .. P-1) start after the prefix."""
     import peft
 
     config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
-    base, reference = peft_checkpoint("bart", config, tmp_path)
-    model = interop.load(tmp_path, base)
-    assert {i.site_path for i in model.pefc.insertions} == {f"model.decoder.layers.{i}.self_attn" for i in (0, 1)}
-    assert max_diff("bart", reference, model) <= ATOL
-    assert max_diff("bart", base, model) > 1e-3
+    base, reference = peft_checkpoint(name, config, tmp_path)
+    model = interop.load(tmp_path, model_spec={"hf": MODELS[name]})  # the spec-built base: a shared capture
+    assert {i.site_path for i in model.pefc.insertions} == {DECODER_SELF[name].format(i) for i in (0, 1)}
+    assert max_diff(name, reference, model) <= ATOL
+    assert max_diff(name, base, model) > 1e-3
