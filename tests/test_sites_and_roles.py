@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import batch, build_hf
@@ -18,8 +20,14 @@ def roles_of(model, inputs=None):
     return {(s.kind, s.path): s.role for s in find_sites(graph_module)}, find_sites(graph_module)
 
 
+@functools.cache
+def family_roles(family: str):
+    """``roles_of`` the tiny ``family`` model, captured once per module (the tests only read it)."""
+    return roles_of(build_hf(family))
+
+
 def test_llama_roles():
-    roles, sites = roles_of(build_hf("llama"))
+    roles, sites = family_roles("llama")
     prefix = "model.layers.1"
     assert roles[("linear", f"{prefix}.self_attn.q_proj")] == "attn.q"
     assert roles[("linear", f"{prefix}.self_attn.k_proj")] == "attn.k"
@@ -35,7 +43,7 @@ def test_llama_roles():
 
 
 def test_gpt2_fused_qkv_and_conv1d():
-    roles, sites = roles_of(build_hf("gpt2"))
+    roles, sites = family_roles("gpt2")
     assert roles[("linear", "transformer.h.0.attn.c_attn")] == "attn.qkv"
     assert roles[("linear", "transformer.h.0.attn.c_proj")] == "attn.o"
     assert roles[("linear", "transformer.h.0.mlp.c_fc")] == "mlp.up"
@@ -47,7 +55,7 @@ def test_gpt2_fused_qkv_and_conv1d():
 
 
 def test_bert_roles():
-    roles, _ = roles_of(build_hf("bert"))
+    roles, _ = family_roles("bert")
     base = "encoder.layer.0"
     assert roles[("linear", f"{base}.attention.self.query")] == "attn.q"
     assert roles[("linear", f"{base}.attention.output.dense")] == "attn.o"
@@ -90,7 +98,7 @@ def test_plain_torch_model_roles():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_every_layer_has_one_attention_and_its_projections(family):
-    _, sites = roles_of(build_hf(family))
+    _, sites = family_roles(family)
     for layer in (0, 1):
         layer_roles = sorted(s.role for s in sites if s.layer == layer and s.role)
         assert layer_roles.count("attn") == 1
