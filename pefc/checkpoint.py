@@ -125,6 +125,20 @@ def check_digests(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
                                   "the file is corrupted")
 
 
+def check_tensor_fits(where: str, key: str, value: torch.Tensor, target: torch.Tensor, *,
+                      holder: str = "the model", hint: str = "", same_dtype: bool = True) -> None:
+    """Refuse checkpoint tensor ``value`` for ``target`` (in ``holder``): another shape, another dtype
+    (with ``same_dtype``), or NaN / Inf values. ``hint`` follows the shape message."""
+    if tuple(value.shape) != tuple(target.shape):
+        raise CheckpointError(f"{where}: tensor {key!r} has shape {list(value.shape)} in the checkpoint but "
+                              f"{list(target.shape)} in {holder}{hint}")
+    if same_dtype and value.dtype != target.dtype:
+        raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype} in the checkpoint but "
+                              f"{target.dtype} in {holder}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+
+
 def other_model_note(metadata: dict[str, str], spec: dict[str, Any], base_class: str | None,
                      base_params: int) -> str:
     """``"; it was saved for X (N base params), this model is Y (M)"`` when the base models differ, else ``""``."""

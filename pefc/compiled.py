@@ -21,7 +21,13 @@ import torch.fx as fx
 from pydantic import ValidationError
 from torch import nn
 
-from pefc.checkpoint import metadata_spec, other_model_note, read_checkpoint_file, save_checkpoint
+from pefc.checkpoint import (
+    check_tensor_fits,
+    metadata_spec,
+    other_model_note,
+    read_checkpoint_file,
+    save_checkpoint,
+)
 from pefc.errors import CheckpointError, NumericalError, PefcError
 from pefc.fxsource import track as track_source
 from pefc.report import AdapterReport, ParameterReport, SiteReport, dtype_name
@@ -290,16 +296,7 @@ class CompiledModel(fx.GraphModule):
             raise CheckpointError(f"{where}: the checkpoint has tensor {extra[0]!r} that this model does not "
                                   f"have ({len(extra)} unexpected){note}")
         for key, target in own.items():
-            value = tensors[key]
-            if tuple(value.shape) != tuple(target.shape):
-                raise CheckpointError(f"{where}: tensor {key!r} has shape {list(value.shape)} in the checkpoint "
-                                      f"but {list(target.shape)} in the model"
-                                      f"{note or ' (was it saved for another base model?)'}")
-            if value.dtype != target.dtype:
-                raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype} in the checkpoint but "
-                                      f"{target.dtype} in the model")
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise CheckpointError(f"{where}: tensor {key!r} holds NaN or Inf values")
+            check_tensor_fits(where, key, tensors[key], target, hint=note or " (was it saved for another base model?)")
         from pefc.collectives import copy_into
 
         with torch.no_grad():

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pefc.checkpoint import check_tensor_fits
 from pefc.errors import CheckpointError, PefcError
 
 ROWS = "_pefc_rows"  # the top-level module holding the row-wise modules and the enabled-slots buffer
@@ -252,11 +253,7 @@ def load_slot(model: Any, adapter: str, directory: str | Path, *, source: str | 
         what = f"has no tensor for {missing[0]!r}" if missing else f"has tensor {extra[0]!r} the slot lacks"
         raise CheckpointError(f"{path}: the checkpoint {what}; it was saved for other sites or another model")
     for key, value in tensors.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(value.shape)} in the checkpoint but "
-                                  f"{list(own[key].shape)} in slot {adapter!r}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise CheckpointError(f"{path}: tensor {key!r} holds NaN or Inf values")
+        check_tensor_fits(str(path), key, value, own[key], holder=f"slot {adapter!r}", same_dtype=False)
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value.to(own[key].dtype))
