@@ -4,7 +4,8 @@ Each test runs a child process (forked from one warmed-up server process per mod
 writes the same output over and over, with every write
 slowed down in the middle (half the bytes, a pause, the rest) so that a kill can land inside
 it. The child prints ``mid`` inside a write and ``done`` after one; the test kills it either
-inside a write or at a random moment, then checks what a user would find.
+inside a write or at a random moment, then checks what a user would find. Two children
+saving to one directory at once leave one of them's whole checkpoint.
 """
 
 from __future__ import annotations
@@ -295,13 +296,17 @@ while True:
             onnx.checker.check_model(onnx.load(str(out)))
         temporaries += hidden(out.parent)
     assert any(name.startswith(".model.onnx.") for name in temporaries)
-    _later_export_works_and_cleans_up(out)
+    _later_export_works_and_cleans_up(out, fork_server, tmp_path)
 
 
-def _later_export_works_and_cleans_up(out: Path) -> None:
-    from pefc.export import export_onnx
-
-    export_onnx(pefc.compile(parse_spec(make_spec([LORA]))), out)
+def _later_export_works_and_cleans_up(out: Path, server: ForkServer, workdir: Path) -> None:
+    """A later export (a fresh writer of the server, through the real save path) removes the stale temporaries."""
+    writer = Writer(server, f"""
+from pefc.export import export_onnx
+export_onnx(pefc.compile(parse_spec(make_spec([{LORA!r}]))), {str(out)!r})
+say("exported")
+""", workdir)
+    assert writer.finish() == ["exported"], writer.log.read_text()[-3000:]
     assert hidden(out.parent) == [] and visible(out.parent) == ["model.onnx"]
     onnx.checker.check_model(onnx.load(str(out)))
 
@@ -385,3 +390,48 @@ def test_export_with_external_data_never_pairs_the_previous_model_with_new_data(
     export._atomic_save(_FakeProgram("new"), path, True)
     assert visible(tmp_path) == ["model.onnx", "model.onnx.data"] and hidden(tmp_path) == []
     assert {p.read_text() for p in tmp_path.iterdir()} == {"model new", "data new"}
+
+
+SAVES = 100
+
+
+def test_two_processes_saving_to_one_directory_leave_one_whole_checkpoint(tmp_path, fork_server):
+    """Writer A saves alpha 4 with tensors +k, writer B alpha 16 with -k, 100 times each, at once.
+
+    Saves take turns under a lock on the directory, so the result is one writer's last save,
+    and spec.json is that same writer's spec (loading reads only adapters.safetensors anyway).
+    """
+    out, go = tmp_path / "ckpt", tmp_path / "go"
+    alphas = {1: 4, -1: 16}
+    writers = []
+    for sign, alpha in alphas.items():
+        code = f"""
+import os
+model = pefc.compile(parse_spec(make_spec([{ {**LORA, "alpha": alpha}!r}])))
+say("ready")
+while not os.path.exists({str(go)!r}):  # start together, so the saves overlap
+    time.sleep(0.01)
+for step in range(1, {SAVES} + 1):
+    with torch.no_grad():
+        for tensor in model.adapter_state_dict().values():
+            tensor.fill_({sign} * step)
+    model.save_adapters({str(out)!r})
+say("finished")
+"""
+        (tmp_path / f"writer{sign}").mkdir()
+        writers.append(Writer(fork_server, code, tmp_path / f"writer{sign}"))
+    for writer in writers:
+        writer.wait_for("ready")
+    go.touch()
+    for writer in writers:
+        assert writer.finish() == ["finished"], writer.log.read_text()[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [ADAPTERS_FILE, SPEC_FILE]
+    tensors, embedded = read_checkpoint(out)
+    values = {float(v) for t in tensors.values() for v in t.unique()}
+    assert values in ({SAVES}, {-SAVES})  # one writer's last save, whole
+    sign = 1 if values == {SAVES} else -1
+    assert embedded["adapters"][0]["alpha"] == alphas[sign]
+    assert json.loads((out / SPEC_FILE).read_text()) == embedded  # the pair is consistent
+    model = pefc.compile(parse_spec(make_spec([{**LORA, "alpha": alphas[sign]}])))
+    model.load_adapters(out)
+    assert all(torch.equal(t, torch.full_like(t, SAVES * sign)) for t in model.adapter_state_dict().values())
