@@ -207,7 +207,14 @@ def requantize(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: A
     chosen = {n.name for n in nodes.values()}
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
     with _quiet_tooling():
-        quantized = scheme.quantize(model, exclude, block)
+        try:
+            quantized = scheme.quantize(model, exclude, block)
+        except Exception as exc:  # e.g. an onnxruntime without the tool or the bit width
+            import onnxruntime
+
+            raise ExportError(f"onnxruntime {onnxruntime.__version__}'s {scheme.tool} failed on sites "
+                              f"{', '.join(list(nodes)[:3])}: {type(exc).__name__}: {str(exc)[:300]}",
+                              hint="pefc is tested with onnxruntime 1.32; or export without --quantize") from exc
     producer = {n.output[0]: n for n in quantized.graph.node if n.output}
     made = {path: producer[out] for path, out in outputs.items()}
     wrong = [path for path, n in made.items() if n.op_type != scheme.op_type]
