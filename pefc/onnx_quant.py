@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,8 +66,20 @@ class Scheme:
         return f"onnxruntime {self.tool}, block {self.block_size(config)}"
 
 
+def _tool(module: str, name: str) -> Any:
+    """``name`` from onnxruntime's ``module``, the root logger kept as it was (``matmul_nbits_quantizer``
+    calls ``logging.basicConfig(level=INFO)`` when imported)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return getattr(importlib.import_module(f"onnxruntime.quantization.{module}"), name)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def _bnb4(model: onnx.ModelProto, exclude: list[str], block: int) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+    MatMulBnb4Quantizer = _tool("matmul_bnb4_quantizer", "MatMulBnb4Quantizer")  # noqa: N806
 
     quantizer = MatMulBnb4Quantizer(model, MatMulBnb4Quantizer.NF4, block, nodes_to_exclude=exclude)
     quantizer.process()
@@ -74,7 +87,7 @@ def _bnb4(model: onnx.ModelProto, exclude: list[str], block: int) -> onnx.ModelP
 
 
 def _nbits8(model: onnx.ModelProto, exclude: list[str], block: int) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    MatMulNBitsQuantizer = _tool("matmul_nbits_quantizer", "MatMulNBitsQuantizer")  # noqa: N806
 
     quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block, is_symmetric=True, nodes_to_exclude=exclude)
     quantizer.process()
@@ -164,18 +177,14 @@ def site_matmuls(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict
 
 @contextlib.contextmanager
 def _quiet_tooling() -> Iterator[None]:
-    """onnxruntime's quantizers log every node they skip at INFO."""
+    """onnxruntime's quantizers log every node they skip at INFO (their loggers inherit this level)."""
     logger = logging.getLogger("onnxruntime.quantization")
-    loggers = [logger, *[logging.getLogger(n) for n in logging.root.manager.loggerDict
-                         if n.startswith("onnxruntime.quantization.")]]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+        logger.setLevel(level)
 
 
 @dataclass

@@ -7,6 +7,7 @@ Two ONNX exports in all: the float one (reused for the int8 tool) and the CLI's 
 
 from __future__ import annotations
 
+import logging
 import re
 from types import SimpleNamespace
 
@@ -125,7 +126,10 @@ def test_int8_goes_through_matmulnbits_at_the_quantized_sites_only(model, float_
     _, path = float_export
     weights = merged_weights(model, model.merge())
     int8 = SimpleNamespace(method="int8", block_size=64)
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
     requantized = requantize(onnx.load(str(path)), weights, int8)
+    assert (list(root.handlers), root.level) == before  # onnxruntime's tool does not reconfigure logging
     ops = [n for n in requantized.model.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(n.name for n in ops) == sorted(f"{p}_Q8" for p in weights) and len(ops) == 14
     assert {a.name: a.i for a in ops[0].attribute}["bits"] == 8
