@@ -22,7 +22,7 @@ from pefc.cli import main
 from pefc.errors import ExportError
 from pefc.export import export_onnx, graph_inputs, verification_sizes
 from pefc.onnx_quant import SCHEMES, check_fits, requantize, scheme_for, site_matmuls, weight_errors
-from pefc.quant_merge import float_weight_name, quantized_sites
+from pefc.quant_merge import describe_error, float_weight_name, quantized_sites
 from pefc.source import example_inputs
 
 pytest.importorskip("torchao")
@@ -143,6 +143,21 @@ def test_int8_goes_through_matmulnbits_at_the_quantized_sites_only(model, float_
     session = ort.InferenceSession(requantized.model.SerializeToString(), providers=["CPUExecutionProvider"])
     largest, _ = ort_error(session, model.merge(), example_inputs(model.pefc.spec, seed=3))
     assert 0 < largest < 0.05
+
+
+def test_the_warning_comes_above_the_threshold_only_counting_verify():
+    error = {"method": "nf4", "max_abs_logits": 0.01, "mean_abs_logits": 0.001, "tool": "onnxruntime T",
+             "sites": {"a": {"max_abs": 0.1, "mean_abs": 0.01}, "b": {"max_abs": 0.3, "mean_abs": 0.02}}}
+    assert "warning" not in describe_error(error, 0.05)
+    assert "worst sites: b (max |delta W| 0.3), a (max |delta W| 0.1)" in describe_error(error, 0.05, observed=0.06)
+
+
+def test_what_a_requantized_export_cannot_do_is_refused_up_front(model, tmp_path):
+    with pytest.raises(ExportError, match="does not go with --no-merge or --lora-inputs"):
+        export_onnx(model, tmp_path / "q.onnx", quantize=True, merge=False)
+    with pytest.raises(ExportError, match="take float32 or float16 weights, the merged weights are bfloat16"):
+        export_onnx(model, tmp_path / "q.onnx", quantize=True, dtype="bfloat16")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_block_size_or_method_onnxruntime_cannot_take_names_the_site(tmp_path):
