@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, help="verification tolerance (default by dtype)")
     p.add_argument("--external-data", action="store_true", help="weights in MODEL.onnx.data (automatic > 1.5 GB)")
     p.add_argument("--quantize", action="store_true",
-                   help="quantized base: store the merged weights quantized again and report the error")
+                   help="quantized base: quantize the merged model's quantized sites with onnxruntime's tooling "
+                        "(nf4: MatMulBnb4, int8: MatMulNBits) and report the error")
     p.add_argument("--max-error", type=float, default=0.05, metavar="ABS",
                    help="with --quantize: warn when max |delta logits| exceeds this (default 0.05)")
 
@@ -325,6 +326,13 @@ def _export(args: argparse.Namespace) -> int:
           f"in {result.seconds:.1f}s; inputs {', '.join(result.inputs[:4])}"
           f"{' ...' if len(result.inputs) > 4 else ''}; outputs {', '.join(result.outputs)}")
     for shape, diff in result.verify_max_abs_diff.items():
+        requantized = result.verify_requantized.get(shape)
+        if requantized is not None:
+            print(f"verify: onnxruntime (re-quantized) at dims {shape}: vs unmerged PyTorch max |diff| = "
+                  f"{requantized['max_vs_unmerged']:.3g}, mean = {requantized['mean_vs_unmerged']:.3g}; "
+                  f"vs merged float max |diff| = {requantized['max_vs_float']:.3g}, "
+                  f"mean = {requantized['mean_vs_float']:.3g}")
+            continue
         if args.kv_cache:
             print(f"verify: onnxruntime greedy loop = generate, token for token (batch x prompt + new {shape}); "
                   f"prefill logits max |diff| = {diff:.3g}")
@@ -333,7 +341,8 @@ def _export(args: argparse.Namespace) -> int:
     if result.quantization_error is not None:
         from pefc.quant_merge import describe_error
 
-        print(describe_error(result.quantization_error, args.max_error))
+        print(describe_error(result.quantization_error, args.max_error,
+                             observed=max(result.verify_max_abs_diff.values(), default=0.0)))
     return 0
 
 

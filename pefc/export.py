@@ -50,8 +50,12 @@ class ExportResult:
     external_data: bool
     lora_inputs: list[str] = field(default_factory=list)
     verify_max_abs_diff: dict[str, float] = field(default_factory=dict)
-    #: ``merge(quantize=True)``'s measured error (a re-quantized export of a quantized base), else None
+    #: a re-quantized export (``quantize=True``): onnxruntime's output error against the unmerged model on
+    #: the capture's inputs and each site's weight error (:class:`pefc.quant_merge.QuantizationError`), else None
     quantization_error: dict[str, Any] | None = None
+    #: a re-quantized export with ``verify``: per dims, max and mean |Δ| against the unmerged PyTorch model
+    #: (``max_vs_unmerged``, ``mean_vs_unmerged``) and the merged float one (``max_vs_float``, ``mean_vs_float``)
+    verify_requantized: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, verify: bool = False,
@@ -62,9 +66,10 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     ``kv_cache=True`` writes a decoder with ``past_key_values.{i}.key`` / ``.value`` inputs and
     ``present.*`` outputs instead; ``verify`` then runs a greedy loop (see :mod:`pefc.onnx_kv`).
 
-    ``quantize=True`` (a quantized base) exports the merged weights quantized again, dequantized
-    in the ONNX graph; ``verify`` then reports the difference from the unmerged model instead of
-    failing on it, and the result carries the merge's measured error.
+    ``quantize=True`` (a quantized base) exports the exact merged float model, then quantizes the
+    MatMul nodes of the spec's quantized sites with onnxruntime's tooling (:mod:`pefc.onnx_quant`);
+    the result carries onnxruntime's measured error, and ``verify`` reports the differences from
+    the unmerged and the merged float model instead of failing on them.
     """
     if kv_cache:
         return _export_kv(model, path, merge=merge, verify=verify, lora_inputs=lora_inputs, dtype=dtype,
@@ -74,7 +79,11 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     if Path(path).is_dir():
         raise ExportError(f"{path} is a directory", hint=f"give a file name, e.g. {Path(path) / 'model.onnx'}")
     _refuse_unverifiable(model, dtype, verify)
-    prepared = prepare_for_export(model, merge=merge, keep_lora=lora_inputs, quantize=quantize)
+    if quantize:
+        from pefc.onnx_quant import refuse_unrequantizable
+
+        refuse_unrequantizable(model, merge=merge, lora_inputs=lora_inputs, dtype=dtype)
+    prepared = prepare_for_export(model, merge=merge, keep_lora=lora_inputs)
     if dtype is not None:
         prepared = prepared.to(torch_dtype(dtype))
     default_registry().hook.pefc_before_export(model=prepared, options={"merge": merge, "lora_inputs": lora_inputs})
@@ -95,26 +104,37 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     result = ExportResult(path=path, nodes=sum(ops.values()), op_types=dict(sorted(ops.items())),
                           inputs=[v.name for v in graph.inputs], outputs=output_names,
-                          seconds=0.0, external_data=use_external, lora_inputs=lora_names,
-                          quantization_error=prepared.pefc.extras.get("quantization_error"))
+                          seconds=0.0, external_data=use_external, lora_inputs=lora_names)
+    if quantize:
+        from pefc.onnx_quant import export_requantized
+
+        export_requantized(model, prepared, program, path, result, verify=verify)
+        result.seconds = time.perf_counter() - started
+        return result
 
     def check(written: Path) -> None:  # runs on the file before it replaces ``path``: a failure leaves no file
         tolerance = atol if atol is not None else DEFAULT_ATOL.get(torch_dtype(dtype or "float32"), 1e-4)
         feeds = {n: t.detach().cpu().numpy() for n, t in prepared.state_dict().items() if n in lora_names}
-        try:
+        with onnxruntime_failures(path):
             result.verify_max_abs_diff = verify_onnx(model, written, atol=tolerance, dtype=dtype, extra_feeds=feeds,
-                                                     label=f"{path} (not written)",
-                                                     check=result.quantization_error is None)
-        except VerificationError:
-            raise
-        except Exception as exc:  # onnxruntime cannot load or run the file
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise VerificationError(f"{path} (not written): onnxruntime cannot run the exported file: "
-                                    f"{type(exc).__name__}: {first}") from exc
+                                                     label=f"{path} (not written)")
 
     _atomic_save(program, path, use_external, check=check if verify else None)
     result.seconds = time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def onnxruntime_failures(path: Path) -> Iterator[None]:
+    """Turn onnxruntime failing to load or run the file at ``path`` into a :class:`VerificationError`."""
+    try:
+        yield
+    except VerificationError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise VerificationError(f"{path} (not written): onnxruntime cannot run the exported file: "
+                                f"{type(exc).__name__}: {first}") from exc
 
 
 def _export_kv(model: CompiledModel, path: str | Path, *, quantize: bool, **options: Any) -> ExportResult:
@@ -126,16 +146,14 @@ def _export_kv(model: CompiledModel, path: str | Path, *, quantize: bool, **opti
     return export_kv_onnx(model, path, **options)
 
 
-def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: bool = False,
-                       quantize: bool = False) -> CompiledModel:
+def prepare_for_export(model: CompiledModel, *, merge: bool = True, keep_lora: bool = False) -> CompiledModel:
     """A copy ready to export: mergeable adapters folded (all but LoRA if ``keep_lora``), baked, flat, eval mode.
 
-    ``quantize``: a quantized base's folded weights are quantized again (see :meth:`CompiledModel.merge`)."""
+    Merging dequantizes a quantized base's weights (exact, see :meth:`CompiledModel.merge`)."""
     from pefc.layers import unpartition_layers
     from pefc.merge import merge_model
 
-    merged = merge_model(model, skip_methods={"lora"} if keep_lora else set(), quantize=quantize) \
-        if merge else model
+    merged = merge_model(model, skip_methods={"lora"} if keep_lora else set()) if merge else model
     prepared = merged.bake()
     unpartition_layers(prepared)  # export the flat graph, as captured
     prepared.eval()
@@ -327,12 +345,11 @@ def verification_sizes(model: CompiledModel) -> list[dict[str, int]]:
 
 def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, dtype: str | None = None,
                 adapters: Any = None, extra_feeds: dict[str, np.ndarray] | None = None,
-                label: str | None = None, check: bool = True) -> dict[str, float]:
+                label: str | None = None) -> dict[str, float]:
     """Run ``path`` in onnxruntime and ``model`` in torch on fresh shapes; max |diff| per shape.
 
     ``adapters`` (``onnxruntime.LoraAdapter``) are activated; ``extra_feeds`` are fed by name;
-    errors name the file ``label`` (default: ``path``). ``check=False`` reports the differences
-    without failing on them (a re-quantized export).
+    errors name the file ``label`` (default: ``path``).
     """
     import onnxruntime as ort
 
@@ -357,7 +374,7 @@ def verify_onnx(model: CompiledModel, path: str | Path, *, atol: float = 1e-4, d
         diff = max(float(np.abs(w - g.astype(np.float32)).max()) for w, g in zip(want, got, strict=True))
         label = "x".join(str(v) for v in sizes.values())
         diffs[label] = diff
-        if check and not diff <= atol:
+        if not diff <= atol:
             raise VerificationError(f"{shown}: onnxruntime output differs from the PyTorch model by {diff:.3g} "
                                     f"(tolerance {atol:g}) at dims {sizes}")
     return diffs

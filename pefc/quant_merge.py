@@ -35,6 +35,8 @@ class QuantizationError:
     mean_abs_logits: float
     #: per re-quantized site: max and mean |W_folded - dequantize(quantize(W_folded))|
     sites: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: what re-quantized the weights, for an ONNX export (e.g. ``onnxruntime MatMulBnb4Quantizer (NF4), block 64``)
+    tool: str | None = None
 
     def worst_sites(self, n: int = 3) -> list[str]:
         return sorted(self.sites, key=lambda s: -self.sites[s]["max_abs"])[:n]
@@ -166,12 +168,15 @@ def compute_dtype(spec: Any) -> torch.dtype:
     return compute_dtype_of(spec)
 
 
-def describe_error(error: dict[str, Any], threshold: float) -> str:
-    """One line on a re-quantized merge's measured error, and a warning naming the worst sites above ``threshold``."""
+def describe_error(error: dict[str, Any], threshold: float, observed: float = 0.0) -> str:
+    """One line on a re-quantized merge's measured error, and a warning naming the worst sites when it, or
+    ``observed`` (e.g. the error ``--verify`` found on other shapes), exceeds ``threshold``."""
     measured = QuantizationError(**error)
-    line = (f"re-quantized merge ({measured.method}): vs unmerged on the capture's inputs, max |delta logits| = "
+    what = f"re-quantized export ({measured.method}, {measured.tool})" if measured.tool else \
+        f"re-quantized merge ({measured.method})"
+    line = (f"{what}: vs unmerged on the capture's inputs, max |delta logits| = "
             f"{measured.max_abs_logits:.3g}, mean = {measured.mean_abs_logits:.3g} ({len(measured.sites)} sites)")
-    if measured.max_abs_logits > threshold:
+    if max(measured.max_abs_logits, observed) > threshold:
         worst = ", ".join(f"{s} (max |delta W| {measured.sites[s]['max_abs']:.3g})" for s in measured.worst_sites())
         line += (f"\nwarning: the re-quantized model differs from the unmerged one by more than {threshold:g}; "
                  f"worst sites: {worst}. Export without --quantize for an exact float model.")
