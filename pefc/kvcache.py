@@ -40,6 +40,7 @@ from torch import nn
 from pefc.capture import capture
 from pefc.errors import PefcError
 from pefc.sequence import POSITIONS
+from pefc.simplify import flatten_nested_cats
 
 CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 _EXAMPLE = {"batch": 2, "seq": 3, "past": 5}
@@ -203,6 +204,7 @@ def _cached_graph(model: Any, graph: fx.GraphModule, *, decode: bool) -> fx.Grap
     spec = model.pefc.spec
     insertions = _rewrite_all(spec, graph, find_sites(graph), default_registry(), {}, {}, decode=decode)
     _share(model, graph, insertions)
+    flatten_nested_cats(graph.graph)  # prefix slots: [slots; past; new] in one copy, the cache a view of it
     graph.graph.lint()
     graph.recompile()
     return graph
