@@ -4,7 +4,7 @@ Tokens per second (new tokens x batch / wall time, greedy, no early stop) of pef
 merged (both with the KV cache), HF PEFT's ``generate`` on the same adapter (when PEFT has the
 method), the base model's HF ``generate``, and onnxruntime's greedy loop over the merged KV-cache
 decoder (``export_onnx(..., kv_cache=True)``; export time not counted), for each batch size, on a
-random prompt. With ``repeats`` each runner is timed that many times, in turn (round robin, so a
+random prompt (onnxruntime on as many threads as PyTorch). With ``repeats`` each runner is timed that many times, in turn (round robin, so a
 load that comes and goes falls on every runner alike), and the median is kept; each row records
 the 1-minute load average it was measured under.
 """
@@ -81,14 +81,17 @@ def _onnx_generate(compiled: Any, directory: str, new_tokens: int,
     if not device.startswith("cpu"):
         return "onnxruntime runs on the CPU here"
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
 
         from pefc.export import export_onnx
         from pefc.onnx_kv import OnnxDecoder
 
         path = f"{directory}/decoder.onnx"
         export_onnx(compiled, path, kv_cache=True)
-        decoder = OnnxDecoder(path)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads PyTorch runs on
+        decoder = OnnxDecoder(path, session_options=options)
     except (ImportError, PefcError) as exc:
         return str(exc).splitlines()[0]
     return lambda ids: decoder.generate(ids.cpu().numpy(), new_tokens)
