@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the spec's)")
-    p.add_argument("--repeats", type=_at_least(1), default=20)
+    p.add_argument("--repeats", type=_at_least(1), help="timed runs (20; with --generate: 1 per runner, "
+                   "round robin, median)")
     p.add_argument("--warmup", type=_at_least(0), default=3)
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
@@ -375,9 +376,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = run_generate_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device,
                                     compare_peft=not args.no_peft, prompt=args.prompt,
-                                    new_tokens=args.new_tokens, batches=tuple(args.batches), onnx=not args.no_onnx)
+                                    new_tokens=args.new_tokens, batches=tuple(args.batches), onnx=not args.no_onnx,
+                                    repeats=args.repeats or 1)
         _print_json(result) if args.json else print(table(result))
         return 0
+    repeats = args.repeats or 20
     dims = {}
     for item in args.dims:
         name, _, size = item.partition("=")
@@ -388,15 +391,15 @@ def _bench(args: argparse.Namespace) -> int:
     if args.quantized:
         from pefc.bench import run_quant_bench
 
-        report = run_quant_bench(spec, args.quantized, device=args.device, repeats=args.repeats, warmup=args.warmup,
+        report = run_quant_bench(spec, args.quantized, device=args.device, repeats=repeats, warmup=args.warmup,
                                  dims=dims)
     elif spec.select is not None:  # many adapters in one batch: docs/selection.md
         from pefc.selbench import run_selection_bench
 
-        report = run_selection_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
+        report = run_selection_bench(spec, device=args.device, repeats=repeats, warmup=args.warmup, dims=dims,
                                      compare_peft=not args.no_peft)
     else:
-        report = run_bench(spec, device=args.device, repeats=args.repeats, warmup=args.warmup, dims=dims,
+        report = run_bench(spec, device=args.device, repeats=repeats, warmup=args.warmup, dims=dims,
                            compare_peft=not args.no_peft, compiled_step=args.compiled)
     if args.json:
         _print_json(report.to_dict())

@@ -4,12 +4,16 @@ Tokens per second (new tokens x batch / wall time, greedy, no early stop) of pef
 merged (both with the KV cache), HF PEFT's ``generate`` on the same adapter (when PEFT has the
 method), the base model's HF ``generate``, and onnxruntime's greedy loop over the merged KV-cache
 decoder (``export_onnx(..., kv_cache=True)``; export time not counted), for each batch size, on a
-random prompt.
+random prompt (onnxruntime on as many threads as PyTorch). With ``repeats`` each runner is timed that many times, in turn (round robin, so a
+load that comes and goes falls on every runner alike), and the median is kept; each row records
+the 1-minute load average it was measured under.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,8 +28,9 @@ from pefc.source import build_model
 
 def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int = 128, new_tokens: int = 256,
                        batches: tuple[int, ...] = (1, 8), compare_peft: bool = True,
-                       onnx: bool = True) -> dict[str, Any]:
-    """``{"device", "prompt", "new_tokens", "rows": [{"batch", "tokens_per_s": {name: value}}], "ratios"}``.
+                       onnx: bool = True, repeats: int = 1) -> dict[str, Any]:
+    """``{"device", "prompt", "new_tokens", "repeats", "rows": [{"batch", "tokens_per_s": {name: value}, "load"}],
+    "ratios"}``.
 
     ``"skipped"`` names a runner left out and why (e.g. onnxruntime for prompt tuning)."""
     from pefc.compiler import compile as compile_spec
@@ -55,9 +60,16 @@ def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int
                 runners["onnxruntime merged"] = found
         for batch in batches:
             ids = torch.randint(3, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-            rates = {name: batch * new_tokens / _seconds(run, ids) for name, run in runners.items()}
-            rows.append({"batch": batch, "tokens_per_s": rates})
-    return {"device": str(device), "prompt": prompt, "new_tokens": new_tokens, "rows": rows,
+            for run in runners.values():
+                run(ids[:, :8])  # warm up (builds pefc's decoder once)
+            load = os.getloadavg()[0]
+            seconds: dict[str, list[float]] = {name: [] for name in runners}
+            for _ in range(repeats):
+                for name, run in runners.items():
+                    seconds[name].append(_seconds(run, ids))
+            rates = {name: batch * new_tokens / statistics.median(t) for name, t in seconds.items()}
+            rows.append({"batch": batch, "tokens_per_s": rates, "load": round((load + os.getloadavg()[0]) / 2, 2)})
+    return {"device": str(device), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "rows": rows,
             "ratios": [_ratios(row["tokens_per_s"]) for row in rows], "skipped": skipped}
 
 
@@ -69,14 +81,17 @@ def _onnx_generate(compiled: Any, directory: str, new_tokens: int,
     if not device.startswith("cpu"):
         return "onnxruntime runs on the CPU here"
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime
 
         from pefc.export import export_onnx
         from pefc.onnx_kv import OnnxDecoder
 
         path = f"{directory}/decoder.onnx"
         export_onnx(compiled, path, kv_cache=True)
-        decoder = OnnxDecoder(path)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()  # the threads PyTorch runs on
+        decoder = OnnxDecoder(path, session_options=options)
     except (ImportError, PefcError) as exc:
         return str(exc).splitlines()[0]
     return lambda ids: decoder.generate(ids.cpu().numpy(), new_tokens)
@@ -104,7 +119,6 @@ def _peft_model(spec: SpecBase, base: torch.nn.Module, compiled: Any) -> torch.n
 
 
 def _seconds(run: Callable[[torch.Tensor], Any], ids: torch.Tensor) -> float:
-    run(ids[:, :8])  # warm up (builds pefc's decoder once)
     started = time.perf_counter()
     run(ids)
     return time.perf_counter() - started
@@ -123,9 +137,10 @@ def table(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`run_generate_bench`'s result."""
     names = list(result["rows"][0]["tokens_per_s"])
     lines = [f"generate on {result['device']}: prompt {result['prompt']}, {result['new_tokens']} new tokens "
-             "(tokens/s)", "batch  " + "  ".join(f"{n:>12}" for n in names)]
+             f"(tokens/s, median of {result.get('repeats', 1)})", "batch  " + "  ".join(f"{n:>12}" for n in names)
+             + "   load"]
     for row, ratios in zip(result["rows"], result["ratios"], strict=True):
         lines.append(f"{row['batch']:>5}  " + "  ".join(f"{row['tokens_per_s'][n]:>12.1f}" for n in names)
-                     + "   " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+                     + f"  {row.get('load', float('nan')):>5.2f}   " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
     lines += [f"skipped {name}: {why}" for name, why in result.get("skipped", {}).items()]
     return "\n".join(lines)

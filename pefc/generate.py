@@ -52,17 +52,21 @@ def generate(model: Any, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
         use_cache = "hf_config" in info  # a plain torch module has no cache protocol to capture
     cached = _CachedSteps(model, tokens, lengths, max_new_tokens) if use_cache and max_new_tokens else None
     logits = cached.first if cached is not None else None
+    stops = torch.tensor(eos, device=device, dtype=torch.long) if eos else None  # chosen tokens are int64
     for _ in range(max_new_tokens):
         if cached is None:
             logits = _last_logits(model, tokens, lengths)
         chosen = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-        chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+        if stops is not None:
+            chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
         new.append(chosen)
-        tokens[torch.arange(len(tokens), device=device), lengths] = chosen
-        lengths = lengths + (~done).long()
-        done |= torch.isin(chosen, torch.tensor(eos, device=device, dtype=chosen.dtype))
-        if done.all():
-            break
+        if cached is None:  # the recomputed sequence grows; the cache keeps its own
+            tokens[torch.arange(len(tokens), device=device), lengths] = chosen
+            lengths = lengths + (~done).long()
+        if stops is not None:
+            done |= torch.isin(chosen, stops)
+            if done.all():
+                break
         if cached is not None and len(new) < max_new_tokens:
             logits = cached.step(chosen)
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
@@ -142,16 +146,19 @@ class _CachedSteps:
         positions = torch.arange(width, device=device).expand(batch, width)
         like = next(p for p in model.parameters() if p.is_floating_point())
         logits, self.past = dec.run(dec.prefill, tokens[:, :width], mask, positions, dec.empty_past(batch, like))
-        self.mask = torch.cat([mask.new_ones(batch, self.past[0].shape[-2] - width), mask], dim=1)
+        front = self.past[0].shape[-2] - width
+        # the mask over everything the cache will hold and each step's position, made once
+        self.mask = torch.cat([mask.new_ones(batch, front), mask, mask.new_ones(batch, max_new_tokens)], dim=1)
+        self.positions = lengths[:, None] + torch.arange(max_new_tokens, device=device)
         self.first = logits[torch.arange(batch, device=device), lengths - 1].float()
-        self.position = lengths.clone()
+        self.made = 0  # decode steps run
 
     def step(self, chosen: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, vocab]`` after ``chosen`` (one token per row) joins the cache."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(chosen), 1)], dim=1)
-        logits, self.past = self.decoder.run(self.decoder.step, chosen[:, None], self.mask, self.position[:, None],
-                                             self.past)
-        self.position = self.position + 1
+        seen = self.past[0].shape[-2] + 1
+        logits, self.past = self.decoder.run(self.decoder.step, chosen[:, None], self.mask[:, :seen],
+                                             self.positions[:, self.made:self.made + 1], self.past)
+        self.made += 1
         return logits[:, -1].float()
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from pefc.capture import capture
 from pefc.errors import PefcError
 from pefc.sequence import POSITIONS
+from pefc.simplify import flatten_nested_cats
 
 CACHE_INPUTS = ("input_ids", "attention_mask", "position_ids", "past_key_values")
 _EXAMPLE = {"batch": 2, "seq": 3, "past": 5}
@@ -170,14 +171,29 @@ def _cache_shape(base: nn.Module, model: Any) -> tuple[int, int, int]:
 
 def _cached_forward(self: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     position_ids: torch.Tensor, past_key_values: tuple[torch.Tensor, ...]) -> Any:
-    from transformers.cache_utils import DynamicCache
-
     pairs = list(zip(past_key_values[0::2], past_key_values[1::2], strict=True))
-    cache = DynamicCache(ddp_cache_data=pairs, config=self.config)
     out = type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
+                             past_key_values=_cache_of(self.config, pairs), use_cache=True)
     present = tuple(t for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
     return out.logits, present
+
+
+def _cache_of(config: Any, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` holding ``pairs`` as they are.
+
+    ``DynamicCache(ddp_cache_data=...)`` concatenates each past onto an empty tensor, which the
+    capture keeps: one copy of the whole cache per layer and step on top of the append's own.
+    Plain layers take the tensors directly; any other kind of layer gets its own ``update``.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    cache = DynamicCache(config=config)
+    for layer, (key, value) in zip(cache.layers, pairs, strict=True):
+        if type(layer) is DynamicLayer:
+            layer.keys, layer.values, layer.device, layer.is_initialized = key, value, key.device, True
+        else:
+            layer.update(key, value)
+    return cache
 
 
 def _cached_graph(model: Any, graph: fx.GraphModule, *, decode: bool) -> fx.GraphModule:
@@ -188,6 +204,7 @@ def _cached_graph(model: Any, graph: fx.GraphModule, *, decode: bool) -> fx.Grap
     spec = model.pefc.spec
     insertions = _rewrite_all(spec, graph, find_sites(graph), default_registry(), {}, {}, decode=decode)
     _share(model, graph, insertions)
+    flatten_nested_cats(graph.graph)  # prefix slots: [slots; past; new] in one copy, the cache a view of it
     graph.graph.lint()
     graph.recompile()
     return graph

@@ -285,7 +285,8 @@ def prepend_kv(graph: fx.Graph, attention: Attention, make_slots: Callable[[fx.N
 
     ``make_slots(key, value)`` inserts (at the graph's insertion point) a node producing
     ``(k_slots, v_slots)`` shaped like key/value ``[..., H, S, D]`` with the slot count in
-    dim -2. Every mask or bias over the keys is widened so that every query sees every slot
+    dim -2 (SDPA: a key concatenated along the sequence, a KV cache's ``[past; new]``, is
+    passed as its newest part, which has that shape but in dim -2). Every mask or bias over the keys is widened so that every query sees every slot
     (SDPA: by :func:`extend_attention_mask`, a ``None`` mask with ``is_causal`` becomes an
     explicit one; written out: :func:`widen_key_axis` with each mask's fill). ``masks``
     caches widened masks by original mask node so attentions sharing a mask share its
@@ -306,7 +307,7 @@ def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[
     if isinstance(is_causal, fx.Node):
         raise PluginError(f"{attention.name}: is_causal is computed in the graph; cannot widen its mask")
     with graph.inserting_before(attention):
-        slots = make_slots(key, value)
+        slots = make_slots(_newest(key), _newest(value))
         k_slots = graph.call_function(operator.getitem, (slots, 0))
         v_slots = graph.call_function(operator.getitem, (slots, 1))
         new_key = graph.call_function(aten.cat.default, ([k_slots, key], -2))
@@ -327,6 +328,19 @@ def _prepend_kv_sdpa(graph: fx.Graph, attention: fx.Node, make_slots: Callable[[
         if is_causal or visible is not None:
             set_arg(attention, "is_causal", False)
     return slots
+
+
+def _newest(node: Any) -> Any:
+    """The last part of a key or value concatenated along the sequence (a KV cache's ``[past; new]``), else itself.
+
+    It has the key's shape but in dim -2, which is all the slot module may read; the cache then
+    has no reader before ``[slots; past; new]``, which :func:`pefc.simplify.flatten_nested_cats`
+    writes in one copy."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not aten.cat.default:
+        return node
+    parts, dim = node.args[0], get_arg(node, "dim", 0)
+    rank = len(node.meta["val"].shape) if isinstance(node.meta.get("val"), torch.Tensor) else None
+    return parts[-1] if dim == -2 or (rank is not None and dim == rank - 2) else node
 
 
 def _prepend_kv_eager(graph: fx.Graph, att: Attention, make_slots: Callable[[fx.Node, fx.Node], fx.Node],

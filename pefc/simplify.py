@@ -13,10 +13,14 @@ torch.export records what eager PyTorch skips at run time:
 attention is fused only on CPU, whose fused SDPA kernel takes a mask and grouped heads; on
 CUDA a mask plus ``enable_gqa`` falls back to the math kernel, so :func:`expand_grouped_kv`
 restores the repetition (one ``repeat_interleave`` per key and value) when a model moves
-off the CPU.
+off the CPU. :func:`flatten_nested_cats` (run on the KV-cached graphs of :mod:`pefc.kvcache`)
+writes ``[slots; [past; new]]`` in one copy.
 """
 
 from __future__ import annotations
+
+import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -123,3 +127,44 @@ def expand_grouped_kv(graph: fx.Graph) -> int:
         set_arg(node, "enable_gqa", False)
         expanded += 1
     return expanded
+
+
+def flatten_nested_cats(graph: fx.Graph) -> int:
+    """``cat([a, ..., cat([b, c], d)], d)`` -> ``cat([a, ..., b, c], d)``; return how many.
+
+    The inner concatenation's other readers get the outer one's tail as a slice (a view), so
+    its values are written once instead of twice. In a KV-cached attention with prefix slots
+    that is ``cat([slots, cat([past, new])])``, whose inner ``[past; new]`` is the cache's next
+    state: one copy of the cache per step instead of two. Exact (the same values)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    flattened = 0
+    for node in list(graph.nodes):
+        if not _is_cat(node) or len(node.args[0]) < 2:
+            continue
+        *heads, inner = node.args[0]
+        if not _is_cat(inner) or _cat_dim(inner) != _cat_dim(node) or inner in heads:
+            continue
+        others = [u for u in inner.users if u is not node]
+        if any(order.get(u, len(order)) < order[node] for u in others):
+            continue
+        dim = _cat_dim(node)
+        node.update_arg(0, [*heads, *inner.args[0]])
+        if others:
+            with graph.inserting_before(node.next):
+                start: Any = graph.call_function(aten.sym_size.int, (heads[0], dim))
+                for head in heads[1:]:
+                    start = graph.call_function(operator.add, (start, graph.call_function(aten.sym_size.int,
+                                                                                          (head, dim))))
+                tail = graph.call_function(aten.slice.Tensor, (node, dim, start, 2**63 - 1))
+            inner.replace_all_uses_with(tail)
+        graph.erase_node(inner)
+        flattened += 1
+    return flattened
+
+
+def _is_cat(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.cat.default
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return int(get_arg(node, "dim", 0))

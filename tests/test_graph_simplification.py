@@ -1,4 +1,5 @@
-"""Captured graphs drop full slices and, on CPU, hand key/value heads to grouped-query attention.
+"""Captured graphs drop full slices and, on CPU, hand key/value heads to grouped-query attention;
+KV-cached graphs write prefix slots and the cache in one copy.
 
 Outputs and gradients stay those of the graph as torch.export recorded it; moving a model
 off the CPU repeats the heads again.
@@ -6,13 +7,16 @@ off the CPU repeats the heads again.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.fx as fx
 from conftest import batch, build_hf, make_spec, randomize_adapters
 
 import pefc
 from pefc.graphutil import get_arg, static_dim
-from pefc.simplify import SDPA, _is_full_slice, expand_grouped_kv
+from pefc.simplify import SDPA, _is_full_slice, expand_grouped_kv, flatten_nested_cats
 from pefc.spec import parse_spec
 
 TARGETS = {"llama": ["@attn.q", "@attn.v"], "gpt2": ["@attn.qkv"]}
@@ -89,3 +93,19 @@ def test_moving_off_the_cpu_repeats_the_heads_before_attention():
     for node in attention:
         key = get_arg(node, "key")
         assert key.target is aten.repeat_interleave.self_int and key.args[1:] == (2, 1)
+
+
+def test_prefix_slots_and_a_kv_cache_are_written_in_one_copy():
+    """``cat([slots, cat([past, new])])`` (a cached attention with prefix slots, the inner cat the
+    cache's next state) becomes one cat; the cache is a view of it, with the same values."""
+    graph = fx.Graph()
+    slots, past, new = (graph.placeholder(name) for name in ("slots", "past", "new"))
+    cache = graph.call_function(aten.cat.default, ([past, new], -2))
+    graph.output((graph.call_function(aten.cat.default, ([slots, cache], -2)), cache))
+    before = fx.GraphModule(torch.nn.Module(), copy.deepcopy(graph))
+    assert flatten_nested_cats(graph) == 1
+    after = fx.GraphModule(torch.nn.Module(), graph)
+    inputs = [torch.randn(2, 3, n, 4) for n in (5, 7, 1)]
+    (want_keys, want_cache), (keys, cache_out) = before(*inputs), after(*inputs)
+    assert torch.equal(keys, want_keys) and torch.equal(cache_out, want_cache)
+    assert sum(n.target is aten.cat.default for n in graph.nodes) == 1 and cache_out._base is keys

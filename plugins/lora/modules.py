@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from pefc_plugins.lora import LoraConfig
 from torch import nn
 
@@ -30,27 +31,31 @@ class LoraUpdate(pefc.SiteModule):
         """``s * B A x`` (no dropout), in the adapter's dtype."""
         return self._scaled_down(x) @ self.lora_B.t()
 
-    def add_low_rank(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y + s * B A x``. ``s`` scales the rank-``r`` activation, and where the dtypes agree the
-        sum is fused into the last product (``addmm``): no extra pass over the ``[tokens, out]`` output.
-        Exported graphs keep product and sum apart (runtimes fuse them; onnxruntime's Gemm refuses
-        the rank-0 LoRA inputs of ``export_onnx(lora_inputs=True)``)."""
-        return self.add_scaled(y, self._scaled_down(x))
-
-    def add_scaled(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``y + h Bᵀ`` for the scaled rank-``r`` activation ``h`` (see :meth:`add_low_rank`)."""
+    def add_scaled(self, y: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``y + scale * h Bᵀ`` for a rank-``r`` activation ``h``. Where the dtypes agree the scale
+        and the sum are fused into the last product (``addmm``'s ``alpha``): no extra pass over the
+        ``[tokens, out]`` output nor over ``h``. Exported graphs keep product and sum apart and scale
+        ``h`` (runtimes fuse them; onnxruntime's Gemm refuses the rank-0 LoRA inputs of
+        ``export_onnx(lora_inputs=True)``)."""
         if h.dtype != y.dtype or torch.compiler.is_exporting():
+            h = h * scale if scale != 1.0 else h
             return y + (h @ self.lora_B.t()).to(y.dtype)
-        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=scale)
         return flat.view(y.shape)
 
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` in the adapter's dtype."""
+        return F.linear(x.to(self.lora_A.dtype), self.lora_A)
+
     def _scaled_down(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.lora_A.dtype) @ self.lora_A.t()) * self.scaling
+        return self._down(x) * self.scaling
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, down: torch.Tensor | None = None) -> torch.Tensor:
-        if down is not None:  # fused (pefc.fusion): x is dropped already, down = x Aᵀ
-            return self.add_scaled(y, down * self.scaling)
-        return self.add_low_rank(y, self.dropout(x))
+        """``down`` (fused, :mod:`pefc.fusion`): ``x`` is dropped already and ``down = x Aᵀ``.
+        Dropout runs only while training (in eval it is the identity: no call per token)."""
+        if down is None:
+            down = self._down(self.dropout(x) if self.training else x)
+        return self.add_scaled(y, down, self.scaling)
 
     # -- pefc.fusion.SharedInputFusable: sites reading the same input share one A product --------
 
