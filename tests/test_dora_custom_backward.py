@@ -31,7 +31,7 @@ def test_dora_backward_equals_autograd_through_the_plain_formula(with_bias):
     seed = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
     (got * seed).sum().backward()
     (want * seed).sum().backward()
-    for name, a, b in zip(("y", "bias", "h", "B", "m"), ours[:5], plain[:5]):
+    for name, a, b in zip(("y", "bias", "h", "B", "m"), ours[:5], plain[:5], strict=True):
         if a is not None:
             assert (a.grad - b.grad).abs().max().item() < 1e-5, name
 
