@@ -4,7 +4,8 @@ On CPU ``nn.Dropout`` multiplies the input by a float mask ``bernoulli(1 − p) 
 autograd keeps that mask, four bytes per element, for every dropout until backward. Here the mask
 is drawn as booleans from the same generator (the same draws: same seed, same mask) and the
 output is ``x ⊙ keep · 1/(1 − p)`` with the same float32 factor, so outputs and gradients are
-bit-identical to ``nn.Dropout``'s; backward keeps only ``keep``, one byte per element. Elsewhere
+bit-identical to ``nn.Dropout``'s; backward keeps only ``keep``, one byte per element, and
+widens it to the input's dtype again (a transient copy) when it multiplies. Elsewhere
 (CUDA's fused dropout keeps a boolean mask already; ``torch.compile`` and ``torch.export`` draw
 their own) it is ``nn.Dropout``.
 """
@@ -33,7 +34,7 @@ class _KeepMask(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.mul(keep).mul_(scale)
+        return x.mul(keep.to(x.dtype)).mul_(scale)  # a float x bool product is a slow, unvectorized path
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -43,4 +44,4 @@ class _KeepMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         keep, scale = ctx.saved_tensors
-        return grad.mul(keep).mul_(scale), None, None
+        return grad.mul(keep.to(grad.dtype)).mul_(scale), None, None
