@@ -8,7 +8,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pefc_plugins.dora import DoraConfig
-from pefc_plugins.dora.autograd import magnitude_scaled
 from pefc_plugins.lora.modules import LoraUpdate
 from torch import nn
 
@@ -39,18 +38,14 @@ class DoraUpdate(LoraUpdate):
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, down: torch.Tensor | None = None) -> torch.Tensor:
         """``down`` (fused, :mod:`pefc.fusion`): ``x`` is dropped already and ``down = x Aᵀ``."""
-        norm = self.weight_norm(weight)
+        g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(y.dtype)
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
         if dropping and down is None:
             x = self.dropout(x)
         h = self._scaled_down(x) if down is None else down * self.scaling
         if dropping and self.dropout_scope == "update":
             base = self._base(x.to(weight.dtype), weight)  # as HF PEFT: W0 drop(x) in the correction too
-            g = (self.lora_magnitude_vector / norm).to(y.dtype)
             return y + (g - 1) * base + g * (h @ self.lora_B.t()).to(y.dtype)
-        if h.dtype == y.dtype == self.lora_B.dtype and not torch.compiler.is_exporting():  # one pass, own backward
-            return magnitude_scaled(y, bias, h, self.lora_B, self.lora_magnitude_vector, norm)
-        g = (self.lora_magnitude_vector / norm).to(y.dtype)
         scaled = g * self.add_scaled(y - bias if bias is not None else y, h)  # g (W0 x + s B A x)
         return scaled + bias if bias is not None else scaled
 
