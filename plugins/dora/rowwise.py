@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pefc_plugins.lora.dropout import MaskDropout
 from pefc_plugins.lora.rowwise import low_rank_rows
 from torch import nn
 
@@ -31,7 +32,7 @@ class DoraRows(nn.Module):
 
     def __init__(self, dropout: float, scope: str, layout: str) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.scope, self.layout = scope, layout
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from pefc_plugins.lora import LoraConfig
+from pefc_plugins.lora.dropout import MaskDropout
 from torch import nn
 
 import pefc
@@ -19,7 +20,7 @@ class LoraUpdate(pefc.SiteModule):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.r))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = MaskDropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling()
         self.shared_mask = config.dropout_masks == "shared"
         if config.init == "gaussian":

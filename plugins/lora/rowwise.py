@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pefc_plugins.lora.dropout import MaskDropout
 from torch import nn
 
 from pefc.selection import by_row
@@ -22,7 +23,7 @@ class LoraRows(nn.Module):
 
     def __init__(self, dropout: float) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = MaskDropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 scaling: torch.Tensor) -> torch.Tensor:
