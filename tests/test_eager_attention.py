@@ -14,8 +14,9 @@ from pefc.spec import ModelSpec, parse_spec
 
 peft = pytest.importorskip("peft")
 
+# one decoder layer: an eager attention is all these tests need (half the capture of two)
 LLAMA_EAGER = {"hf": {"class": "LlamaForCausalLM", "attn_implementation": "eager", "config": {
-    "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
     "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0}}}
 INPUTS = {"x": {"shape": ["batch", "seq", 16], "dtype": "float32"}}
 
