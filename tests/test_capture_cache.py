@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import torch
-from conftest import batch, build_hf, make_spec
+from conftest import batch, make_spec
 
 import pefc
 from pefc import capture_cache
-from pefc.spec import parse_spec
+from pefc.source import build_model
+from pefc.spec import ModelSpec, parse_spec
 
 SPEC = make_spec([{"name": "qv", "method": "lora", "target": ["@attn.q", "@attn.v"], "r": 4}])
+SPEC["model"]["hf"]["config"]["num_hidden_layers"] = 1  # one decoder layer: half a capture, the same caching
 
 
-def compiled(cache: int):
+def one_layer_llama():
+    """A new module equal to the one SPEC builds."""
+    return build_model(ModelSpec.model_validate({"hf": SPEC["model"]["hf"]}))
+
+
+def compiled(cache: int, *, clear: bool = True):
+    """Two compiles of SPEC with the cache at ``cache`` (``clear``: emptied first, so the first one captures)."""
     capture_cache.enable(cache)
-    capture_cache.clear()
+    if clear:
+        capture_cache.clear()
     try:
         first = pefc.compile(parse_spec(SPEC))
         second = pefc.compile(parse_spec(SPEC))  # a cache hit when enabled
@@ -24,7 +33,11 @@ def compiled(cache: int):
 
 
 def test_cached_and_fresh_captures_compile_to_the_same_model():
-    fresh, _ = compiled(0)
+    capture_cache.enable(0)
+    try:
+        fresh = pefc.compile(parse_spec(SPEC))  # no cache at all
+    finally:
+        capture_cache.enable(16)
     first, hit = compiled(4)
     inputs = batch(3, 5)
     states = [m.state_dict() for m in (fresh, first, hit)]
@@ -38,7 +51,7 @@ def test_cached_and_fresh_captures_compile_to_the_same_model():
 
 
 def test_cache_entries_are_private_copies():
-    _, hit = compiled(4)
+    _, hit = compiled(4, clear=False)  # the second is a hit whether or not SPEC's capture was cached before
     with torch.no_grad():
         next(hit.parameters()).add_(1.0)
     capture_cache.enable(4)
@@ -50,7 +63,7 @@ def test_cache_entries_are_private_copies():
 def test_a_given_module_is_captured_once_while_it_is_unchanged(monkeypatch):
     from pefc import capture
 
-    base = build_hf("llama")
+    base = one_layer_llama()
     spec = parse_spec(make_spec(SPEC["adapters"], family=None))
     captures = []
     real = capture.capture
@@ -72,7 +85,7 @@ def test_a_given_module_is_captured_once_while_it_is_unchanged(monkeypatch):
             shared.mul_(2.0)  # changed in place: captured again
         pefc.compile(spec, model=base)
         assert len(captures) == 3
-        pefc.compile(spec, model=build_hf("llama"))  # an equal but other module: captured
+        pefc.compile(spec, model=one_layer_llama())  # an equal but other module: captured
         assert len(captures) == 4
     finally:
         capture_cache.enable(16)

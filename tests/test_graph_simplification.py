@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
-from conftest import batch, build_hf, make_spec, randomize_adapters
+from conftest import batch, build_hf, make_spec, randomize_adapters, shared_hf
 
 import pefc
 from pefc.graphutil import get_arg, static_dim
@@ -28,11 +28,14 @@ def _attention_nodes(model):
 
 
 def _compile(family: str, *, simplified: bool = True, monkeypatch=None):
+    """A LoRA over the shared base (one cached capture per family); ``simplified=False``: a fresh
+    capture of a new, equal base with the simplification turned off (a cache hit would be simplified)."""
+    base = shared_hf(family)
     if not simplified:
         monkeypatch.setattr("pefc.capture.simplify", lambda graph_module, device: None)
+        base = build_hf(family).eval()
     lora = {"name": "lo", "method": "lora", "target": TARGETS[family], "r": 4, "alpha": 8}
-    model = pefc.compile(parse_spec(make_spec([lora], family=None)), model=build_hf(family),
-                         example_inputs=batch(2, 8))
+    model = pefc.compile(parse_spec(make_spec([lora], family=None)), model=base, example_inputs=batch(2, 8))
     randomize_adapters(model)
     return model
 
@@ -87,7 +90,7 @@ def test_repeating_heads_again_keeps_outputs():
 
 
 def test_moving_off_the_cpu_repeats_the_heads_before_attention():
-    model = _compile("llama").to("meta")  # any device but the CPU: CUDA's SDPA with a mask has no grouped kernel
+    model = _compile("llama").clone().to("meta")  # a copy: the shared base stays on the CPU; any device but the CPU: CUDA's SDPA with a mask has no grouped kernel
     attention = _attention_nodes(model)
     assert attention and all(not get_arg(n, "enable_gqa") for n in attention)
     for node in attention:

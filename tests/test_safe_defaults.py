@@ -20,6 +20,13 @@ from pefc.spec import ModelSpec
 LORA = [{"name": "qv", "method": "lora", "target": ["@attn.q", "@attn.v"], "r": 4}]
 
 
+def _stack(data, layers=3):
+    """``data`` with ``layers`` decoder layers: a stack that ``pefc.plan`` replicates from a cut
+    (static) capture, not the full capture a 2-layer model takes."""
+    data["model"]["hf"]["config"]["num_hidden_layers"] = layers
+    return data
+
+
 def _write(tmp_path, data, name="spec.json"):
     path = tmp_path / name
     path.write_text(json.dumps(data))
@@ -55,7 +62,7 @@ def test_a_float16_spec_trains_float32_adapters():
 
 def test_the_plan_reports_the_default_adapter_dtype():
     # adapter_dtype still overrides: tests/test_numerical_guards.py compiles bfloat16 adapters with it
-    report = pefc.plan(pefc.parse_spec(make_spec(LORA, dtype="bfloat16"))).report.to_dict()
+    report = pefc.plan(pefc.parse_spec(_stack(make_spec(LORA, dtype="bfloat16")))).report.to_dict()
     assert (report["base_dtype"], report["adapter_dtype"]) == ("bfloat16", "float32")
 
 
@@ -70,9 +77,9 @@ def test_the_model_is_built_in_the_spec_dtype_without_a_float32_copy():
 
 def test_a_model_that_will_not_fit_stops_before_building_and_suggests_meta(tmp_path, monkeypatch, capsys):
     assert ramcheck.available_bytes() > 0
-    monkeypatch.setattr(ramcheck, "available_bytes", lambda: 50_000)  # 50 kB free: the tiny model needs 100 kB
+    monkeypatch.setattr(ramcheck, "available_bytes", lambda: 50_000)  # 50 kB free: the 3-layer model needs 137 kB
     monkeypatch.setattr("pefc.capture_cache._maxsize", 0)  # a capture cached by another test would skip the build
-    spec = _write(tmp_path, make_spec(LORA))
+    spec = _write(tmp_path, _stack(make_spec(LORA)))
     allocated = []
     monkeypatch.setattr(torch.nn.Embedding, "reset_parameters",
                         lambda self: allocated.append(self) if not self.weight.is_meta else None)
@@ -93,7 +100,7 @@ def test_a_bfloat16_export_is_not_verified_and_writes_nothing(tmp_path, capsys):
 
 
 def test_a_failed_verification_leaves_no_file(tmp_path, capsys):
-    spec = _write(tmp_path, make_spec(LORA))
+    spec = _write(tmp_path, _stack(make_spec(LORA), layers=1))  # one layer: half the export; it still differs
     target = tmp_path / "m.onnx"
     assert main(["export", str(spec), "-o", str(target), "--verify", "--no-merge", "--atol", "0"]) == 1
     err = capsys.readouterr().err
