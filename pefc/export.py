@@ -16,7 +16,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,8 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     use_external = external_data if external_data is not None else nbytes > LARGE_MODEL_BYTES
     path = Path(path)
     graph = program.model.graph
-    ops: dict[str, int] = {}
-    for node in graph:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    result = ExportResult(path=path, nodes=sum(ops.values()), op_types=dict(sorted(ops.items())),
+    ops = op_counts(graph)
+    result = ExportResult(path=path, nodes=sum(ops.values()), op_types=ops,
                           inputs=[v.name for v in graph.inputs], outputs=output_names,
                           seconds=0.0, external_data=use_external, lora_inputs=lora_names)
     if quantize:
@@ -122,6 +121,11 @@ def export_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True, v
     _atomic_save(program, path, use_external, check=check if verify else None)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def op_counts(nodes: Iterable[Any]) -> dict[str, int]:
+    """How many nodes of each ``op_type`` (ONNX IR or protobuf nodes), sorted by op type."""
+    return dict(sorted(Counter(node.op_type for node in nodes).items()))
 
 
 @contextlib.contextmanager

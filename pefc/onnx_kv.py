@@ -66,6 +66,7 @@ def export_kv_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True
         _lora_parameter_names,
         _refuse_meta,
         _refuse_unverifiable,
+        op_counts,
         prepare_for_export,
     )
 
@@ -91,10 +92,8 @@ def export_kv_onnx(model: CompiledModel, path: str | Path, *, merge: bool = True
             program.optimize()
     nbytes = sum(p.numel() * p.element_size() for p in prepared.parameters())
     graph = program.model.graph
-    ops: dict[str, int] = {}
-    for node in graph:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    result = ExportResult(path=Path(path), nodes=sum(ops.values()), op_types=dict(sorted(ops.items())),
+    ops = op_counts(graph)
+    result = ExportResult(path=Path(path), nodes=sum(ops.values()), op_types=ops,
                           inputs=[v.name for v in graph.inputs], outputs=[v.name for v in graph.outputs],
                           seconds=0.0, external_data=external_data if external_data is not None
                           else nbytes > LARGE_MODEL_BYTES, lora_inputs=lora_names)

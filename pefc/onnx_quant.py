@@ -35,7 +35,14 @@ from torch.utils import _pytree as pytree
 
 from pefc.compiled import CompiledModel
 from pefc.errors import ExportError
-from pefc.export import ExportResult, _atomic_save, graph_inputs, onnxruntime_failures, verification_sizes
+from pefc.export import (
+    ExportResult,
+    _atomic_save,
+    graph_inputs,
+    onnxruntime_failures,
+    op_counts,
+    verification_sizes,
+)
 from pefc.source import example_inputs, torch_dtype
 
 #: block sizes onnxruntime's MatMulBnb4 kernel takes
@@ -233,9 +240,9 @@ def requantize(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: A
     return Requantized(quantized, scheme, block, {path: n.name for path, n in made.items()})
 
 
-def stored_weight(model: onnx.ModelProto, node: onnx.NodeProto, scheme: Scheme) -> np.ndarray:
-    """The B ``[K, N]`` that ``node`` (an onnxruntime quantized op) multiplies by, dequantized from the file."""
-    initializers = {t.name: t for t in model.graph.initializer}
+def stored_weight(initializers: dict[str, onnx.TensorProto], node: onnx.NodeProto, scheme: Scheme) -> np.ndarray:
+    """The B ``[K, N]`` that ``node`` (an onnxruntime quantized op) multiplies by, dequantized from the
+    model's ``initializers`` (by name)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     stored = [numpy_helper.to_array(initializers[name]) for name in node.input[1:] if name in initializers]
     return scheme.dequantize(stored, int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"]))
@@ -244,9 +251,10 @@ def stored_weight(model: onnx.ModelProto, node: onnx.NodeProto, scheme: Scheme) 
 def weight_errors(requantized: Requantized, weights: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Per site: max and mean |W_merged - the weight the file stores|."""
     nodes = {n.name: n for n in requantized.model.graph.node}
+    initializers = {t.name: t for t in requantized.model.graph.initializer}
     errors = {}
     for path, weight in weights.items():
-        restored = stored_weight(requantized.model, nodes[requantized.nodes[path]], requantized.scheme)
+        restored = stored_weight(initializers, nodes[requantized.nodes[path]], requantized.scheme)
         diff = np.abs(restored - weight.T.astype(np.float32))
         errors[path] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
     return errors
@@ -310,10 +318,8 @@ def export_requantized(model: CompiledModel, prepared: CompiledModel, program: A
     weights = {s.path: prepared.get_parameter(float_weight_name(s)).detach().cpu().numpy()
                for s in quantized_sites(model).values()}
     requantized = requantize(ir.serde.serialize_model(program.model), weights, config)
-    ops: dict[str, int] = {}
-    for node in requantized.model.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    result.nodes, result.op_types = sum(ops.values()), dict(sorted(ops.items()))
+    ops = op_counts(requantized.model.graph.node)
+    result.nodes, result.op_types = sum(ops.values()), ops
     sites = weight_errors(requantized, weights)
     device = next(model.parameters()).device
 
