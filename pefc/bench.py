@@ -7,6 +7,10 @@ all of them alike. Peak memory, of one more call of each, is what that call allo
 ``torch.cuda.max_memory_allocated`` on CUDA, tensor storage counted op by op
 (:class:`pefc.memory.PeakTensorMemory`) on CPU; weights and optimizer state that exist
 before the call are not counted.
+
+The clock is wall time by default; ``clock="cpu"`` times the process's CPU time instead, which
+on one thread (``pefc bench --threads 1 --clock cpu``) is the run's own work and is not inflated
+by other jobs on a shared machine (CPU only: a CUDA kernel's time is not the process's).
 """
 
 from __future__ import annotations
@@ -50,12 +54,16 @@ class BenchReport:
     peft: dict[str, Any] = field(default_factory=dict)
     #: what :mod:`pefc.fusion` fused in the adapted model (``groups``: sites sharing one A product)
     fusion: dict[str, Any] = field(default_factory=dict)
+    #: the clock of the timings (:data:`CLOCKS`) and the threads PyTorch ran on
+    clock: str = "wall"
+    threads: int = field(default_factory=torch.get_num_threads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
-        lines = [f"device {self.device}, dims {self.dims}, median of {self.repeats} after warm-up",
+        lines = [f"device {self.device}, dims {self.dims}, median of {self.repeats} after warm-up, "
+                 f"{self.clock} time, {self.threads} thread(s)",
                  f"compile: {self.compile_s:.2f}s (capture {self.capture_s:.2f}s)", "",
                  f"{'measurement':<28} {'median ms':>10} {'peak MB':>9}"]
         for group, rows in (("forward", self.forward), ("train step", self.train_step)):
@@ -94,8 +102,20 @@ class _PeakMemory:
             self.peak_mb = self.counter.peak_bytes / 2**20
 
 
+#: the clocks a benchmark can time with (seconds)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def check_clock(clock: str, device: str | torch.device) -> None:
+    """Refuse a clock that cannot time runs on ``device``."""
+    if clock not in CLOCKS:
+        raise SpecError(f"unknown clock {clock!r}: use one of {', '.join(CLOCKS)}")
+    if clock == "cpu" and torch.device(device).type != "cpu":
+        raise SpecError(f"--clock cpu times the process's CPU work, not a kernel on {device}: use --clock wall")
+
+
 def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-             warmup: int, *, peaks: bool = True) -> dict[str, Measurement]:
+             warmup: int, *, peaks: bool = True, clock: str = "wall") -> dict[str, Measurement]:
     """Warm each run up, time them round-robin ``repeats`` times, then (``peaks``) take each one's peak memory."""
     for run in runs.values():
         for _ in range(warmup):
@@ -103,7 +123,7 @@ def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            times[name].append(_elapsed_ms(run, device))
+            times[name].append(_elapsed_ms(run, device, CLOCKS[clock]))
     peak_mb: dict[str, float | None] = dict.fromkeys(runs)
     for name, run in runs.items() if peaks else ():
         with _PeakMemory(device) as memory:
@@ -112,14 +132,14 @@ def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
     return {name: Measurement(statistics.median(times[name]), peak_mb[name]) for name in runs}
 
 
-def _elapsed_ms(run: Callable[[], Any], device: torch.device) -> float:
+def _elapsed_ms(run: Callable[[], Any], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) * 1000
+    return (clock() - start) * 1000
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -149,16 +169,17 @@ def _train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[
 
 def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, warmup: int = 3,
               dims: dict[str, int] | None = None, compare_peft: bool = True, trust_code: bool = False,
-              compiled_step: bool = False) -> BenchReport:
+              compiled_step: bool = False, clock: str = "wall") -> BenchReport:
     """Measure ``spec`` on ``device`` (default: the spec's); see the module docstring.
 
     ``trust_code=True`` consents to import and call the spec's ``model.python`` (:mod:`pefc.trust`).
     ``compiled_step=True`` also times both train steps under ``torch.compile`` (rows ``pefc compiled``
-    and ``peft compiled``, time only; the first warm-up call compiles).
+    and ``peft compiled``, time only; the first warm-up call compiles). ``clock``: ``"wall"`` or ``"cpu"``.
     """
     if spec.model is None:
         raise SpecError("bench needs a spec with a `model` (it builds the base model to compare against)")
     device = device or spec.model.device
+    check_clock(clock, device)
     base = build_model(spec.model, device=device, trust_code=trust_code).eval()
     started = time.perf_counter()
     compiled = compile_spec(spec, model=copy.deepcopy(base))
@@ -170,10 +191,10 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     sizes = {**spec.dims(), **(dims or {})}
     inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
     report = BenchReport(str(target), sizes, repeats, compile_s, capture_s,
-                         fusion=dict(compiled.pefc.extras.get("fusion", {})))
+                         fusion=dict(compiled.pefc.extras.get("fusion", {})), clock=clock)
     forward = {name: _forward(model, inputs) for name, model in
                (("base", base), ("adapted", compiled), ("merged", merged))}
-    report.forward = _measure(forward, target, repeats, warmup)
+    report.forward = _measure(forward, target, repeats, warmup, clock=clock)
     report.ratios["forward adapted/base"] = report.forward["adapted"].median_ms / report.forward["base"].median_ms
     report.ratios["forward merged/base"] = report.forward["merged"].median_ms / report.forward["base"].median_ms
     compiled.train()
@@ -181,24 +202,25 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     reference = _peft_reference(report, spec, base, compiled, target) if compare_peft else None
     if reference is not None:
         steps["peft"] = _train_step(reference, inputs)
-    report.train_step = _measure(steps, target, repeats, warmup)
+    report.train_step = _measure(steps, target, repeats, warmup, clock=clock)
     if reference is not None:
         report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
         pefc_peak, peft_peak = report.train_step["pefc"].peak_mb, report.train_step["peft"].peak_mb
         if pefc_peak is not None and peft_peak:
             report.ratios["train peak pefc/peft"] = pefc_peak / peft_peak
     if compiled_step:
-        _measure_compiled(report, compiled, reference, inputs, target, repeats, max(warmup, 2))
+        _measure_compiled(report, compiled, reference, inputs, target, repeats, max(warmup, 2), clock)
     return report
 
 
 def _measure_compiled(report: BenchReport, compiled: nn.Module, reference: nn.Module | None,
-                      inputs: dict[str, torch.Tensor], device: torch.device, repeats: int, warmup: int) -> None:
+                      inputs: dict[str, torch.Tensor], device: torch.device, repeats: int, warmup: int,
+                      clock: str) -> None:
     """Train steps of ``torch.compile(model)`` for pefc (and HF PEFT), into ``report``."""
     steps = {"pefc compiled": _train_step(torch.compile(compiled), inputs)}
     if reference is not None:
         steps["peft compiled"] = _train_step(torch.compile(reference), inputs)
-    report.train_step.update(_measure(steps, device, repeats, warmup, peaks=False))
+    report.train_step.update(_measure(steps, device, repeats, warmup, peaks=False, clock=clock))
     if reference is not None:
         report.ratios["train compiled pefc/peft"] = (report.train_step["pefc compiled"].median_ms
                                                      / report.train_step["peft compiled"].median_ms)
@@ -256,7 +278,7 @@ class QuantBenchReport:
 
 
 def run_quant_bench(spec: SpecBase, method: str = "nf4", *, device: str | None = None, repeats: int = 5,
-                    warmup: int = 1, dims: dict[str, int] | None = None) -> QuantBenchReport:
+                    warmup: int = 1, dims: dict[str, int] | None = None, clock: str = "wall") -> QuantBenchReport:
     """Time a train step of ``spec`` (its base as the spec gives it) against the same spec with
     ``model.quantize: {method: ...}`` (compute dtype: the spec's ``model.dtype``)."""
     from pefc.quant import stored_bytes
@@ -270,6 +292,7 @@ def run_quant_bench(spec: SpecBase, method: str = "nf4", *, device: str | None =
     quant_spec = spec.model_copy(update={"model": quant_model,
                                          "adapter_dtype": spec.adapter_dtype or spec.model.dtype})
     target = torch.device(device or spec.model.device)
+    check_clock(clock, target)
     sizes = {**spec.dims(), **(dims or {})}
     inputs = example_inputs(spec, device=target, seed=1, sizes=sizes)
     report = QuantBenchReport(str(target), sizes, repeats, method)
@@ -278,7 +301,7 @@ def run_quant_bench(spec: SpecBase, method: str = "nf4", *, device: str | None =
         model = compile_spec(variant, device=str(target)).train()
         report.weight_mb[name] = stored_bytes(model, exclude=set(model.pefc.adapter_names)) / 2**20
         steps[name] = _train_step(model, inputs)
-    report.train_step = _measure(steps, target, repeats, warmup)
+    report.train_step = _measure(steps, target, repeats, warmup, clock=clock)
     report.ratios[f"weights {method}/float"] = report.weight_mb[method] / report.weight_mb["float"]
     report.ratios[f"train step {method}/float"] = (report.train_step[method].median_ms
                                                    / report.train_step["float"].median_ms)

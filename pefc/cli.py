@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", metavar="NAME=SIZE", nargs="*", default=[], help="sizes of named dims, e.g. seq=128")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison")
     p.add_argument("--compiled", action="store_true", help="also time both train steps under torch.compile")
+    p.add_argument("--threads", type=_at_least(1), help="threads PyTorch (and onnxruntime) run on (default: PyTorch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time wall clock (default) or the process's CPU time (CPU only; with --threads 1 "
+                   "not inflated by other jobs)")
     p.add_argument("--quantized", choices=["nf4", "int8"], metavar="METHOD",
                    help="instead: train step and weight memory of the spec's base vs that base quantized (nf4, int8)")
     p.add_argument("--generate", action="store_true",
@@ -368,16 +372,20 @@ def _export_adapter(args: argparse.Namespace) -> int:
 
 @command("bench")
 def _bench(args: argparse.Namespace) -> int:
+    import torch
+
     import pefc
     from pefc.bench import run_bench
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.generate:
         from pefc.genbench import run_generate_bench, table
 
         result = run_generate_bench(pefc.load_spec(args.spec, trust_code=args.trust_code), device=args.device,
                                     compare_peft=not args.no_peft, prompt=args.prompt,
                                     new_tokens=args.new_tokens, batches=tuple(args.batches), onnx=not args.no_onnx,
-                                    repeats=args.repeats or 1)
+                                    repeats=args.repeats or 1, clock=args.clock)
         _print_json(result) if args.json else print(table(result))
         return 0
     repeats = args.repeats or 20
@@ -392,15 +400,15 @@ def _bench(args: argparse.Namespace) -> int:
         from pefc.bench import run_quant_bench
 
         report = run_quant_bench(spec, args.quantized, device=args.device, repeats=repeats, warmup=args.warmup,
-                                 dims=dims)
+                                 dims=dims, clock=args.clock)
     elif spec.select is not None:  # many adapters in one batch: docs/selection.md
         from pefc.selbench import run_selection_bench
 
         report = run_selection_bench(spec, device=args.device, repeats=repeats, warmup=args.warmup, dims=dims,
-                                     compare_peft=not args.no_peft)
+                                     compare_peft=not args.no_peft, clock=args.clock)
     else:
         report = run_bench(spec, device=args.device, repeats=repeats, warmup=args.warmup, dims=dims,
-                           compare_peft=not args.no_peft, compiled_step=args.compiled)
+                           compare_peft=not args.no_peft, compiled_step=args.compiled, clock=args.clock)
     if args.json:
         _print_json(report.to_dict())
     else:

@@ -6,7 +6,8 @@ method), the base model's HF ``generate``, and onnxruntime's greedy loop over th
 decoder (``export_onnx(..., kv_cache=True)``; export time not counted), for each batch size, on a
 random prompt (onnxruntime on as many threads as PyTorch). With ``repeats`` each runner is timed that many times, in turn (round robin, so a
 load that comes and goes falls on every runner alike), and the median is kept; each row records
-the 1-minute load average it was measured under.
+the 1-minute load average it was measured under. ``clock="cpu"`` times the process's CPU time
+instead of wall time (see :mod:`pefc.bench`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import copy
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,16 +28,18 @@ from pefc.source import build_model
 
 def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int = 128, new_tokens: int = 256,
                        batches: tuple[int, ...] = (1, 8), compare_peft: bool = True,
-                       onnx: bool = True, repeats: int = 1) -> dict[str, Any]:
+                       onnx: bool = True, repeats: int = 1, clock: str = "wall") -> dict[str, Any]:
     """``{"device", "prompt", "new_tokens", "repeats", "rows": [{"batch", "tokens_per_s": {name: value}, "load"}],
     "ratios"}``.
 
     ``"skipped"`` names a runner left out and why (e.g. onnxruntime for prompt tuning)."""
+    from pefc.bench import CLOCKS, check_clock
     from pefc.compiler import compile as compile_spec
 
     if spec.model is None:
         raise SpecError("bench --generate needs a spec with a `model`")
     device = device or spec.model.device
+    check_clock(clock, device)
     base = build_model(spec.model, device=device).eval()
     compiled = compile_spec(spec, model=copy.deepcopy(base)).eval()
     merged = compiled.merge().eval()
@@ -66,10 +68,11 @@ def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int
             seconds: dict[str, list[float]] = {name: [] for name in runners}
             for _ in range(repeats):
                 for name, run in runners.items():
-                    seconds[name].append(_seconds(run, ids))
+                    seconds[name].append(_seconds(run, ids, CLOCKS[clock]))
             rates = {name: batch * new_tokens / statistics.median(t) for name, t in seconds.items()}
             rows.append({"batch": batch, "tokens_per_s": rates, "load": round((load + os.getloadavg()[0]) / 2, 2)})
-    return {"device": str(device), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "rows": rows,
+    return {"device": str(device), "prompt": prompt, "new_tokens": new_tokens, "repeats": repeats, "clock": clock,
+            "threads": torch.get_num_threads(), "rows": rows,
             "ratios": [_ratios(row["tokens_per_s"]) for row in rows], "skipped": skipped}
 
 
@@ -118,10 +121,10 @@ def _peft_model(spec: SpecBase, base: torch.nn.Module, compiled: Any) -> torch.n
     return peft.get_peft_model(copy.deepcopy(base), config).eval()
 
 
-def _seconds(run: Callable[[torch.Tensor], Any], ids: torch.Tensor) -> float:
-    started = time.perf_counter()
+def _seconds(run: Callable[[torch.Tensor], Any], ids: torch.Tensor, clock: Callable[[], float]) -> float:
+    started = clock()
     run(ids)
-    return time.perf_counter() - started
+    return clock() - started
 
 
 def _ratios(rates: dict[str, float]) -> dict[str, float]:
@@ -137,7 +140,8 @@ def table(result: dict[str, Any]) -> str:
     """A plain-text table of :func:`run_generate_bench`'s result."""
     names = list(result["rows"][0]["tokens_per_s"])
     lines = [f"generate on {result['device']}: prompt {result['prompt']}, {result['new_tokens']} new tokens "
-             f"(tokens/s, median of {result.get('repeats', 1)})", "batch  " + "  ".join(f"{n:>12}" for n in names)
+             f"(tokens/s, median of {result.get('repeats', 1)}, {result.get('clock', 'wall')} time, "
+             f"{result.get('threads', '?')} thread(s))", "batch  " + "  ".join(f"{n:>12}" for n in names)
              + "   load"]
     for row, ratios in zip(result["rows"], result["ratios"], strict=True):
         lines.append(f"{row['batch']:>5}  " + "  ".join(f"{row['tokens_per_s'][n]:>12.1f}" for n in names)

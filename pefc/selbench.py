@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pefc.bench import Measurement, _measure
+from pefc.bench import Measurement, _measure, check_clock
 from pefc.errors import SpecError
 from pefc.schema import SpecBase
 from pefc.source import build_model, example_inputs
@@ -57,13 +57,14 @@ class SelectionBenchReport:
 
 def run_selection_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, warmup: int = 3,
                         dims: dict[str, int] | None = None, compare_peft: bool = True,
-                        trust_code: bool = False) -> SelectionBenchReport:
+                        trust_code: bool = False, clock: str = "wall") -> SelectionBenchReport:
     """Measure ``spec`` (with ``select``) as the module docstring says."""
     from pefc.compiler import compile as compile_spec
 
     if spec.model is None or spec.select is None:
         raise SpecError("the selection bench needs a spec with a `model` and `select`")
     device = device or spec.model.device
+    check_clock(clock, device)
     target = torch.device(device)
     base = build_model(spec.model, device=device, trust_code=trust_code).eval()
     selecting = compile_spec(spec, device=device, trust_code=trust_code).eval()  # the spec's base, as ``base``
@@ -87,7 +88,7 @@ def run_selection_bench(spec: SpecBase, *, device: str | None = None, repeats: i
             report.peft["max_abs_diff"] = float((runs["peft mixed"]().logits - want).abs().max())
     runs["selecting one"] = _call(selecting, {**inputs, spec.select.input: torch.zeros_like(ids)})
     runs["single"] = _call(singles[names[0]], inputs)
-    report.forward = _measure(runs, target, repeats, warmup)
+    report.forward = _measure(runs, target, repeats, warmup, clock=clock)
     ms = {name: m.median_ms for name, m in report.forward.items()}
     report.ratios["selecting/separate"] = ms["selecting"] / ms["separate"]
     if "peft mixed" in ms:

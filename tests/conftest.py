@@ -89,6 +89,18 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+class FixedMask(nn.Dropout):
+    """Dropout with a mask that depends only on the input's shape: two calls, one mask (also across
+    libraries: swapped in for HF PEFT's dropout and pefc's, both draw the same)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        g = torch.Generator().manual_seed(x.numel())
+        keep = torch.rand(x.shape, generator=g) >= self.p
+        return x * keep / (1 - self.p)
+
+
 def make_method(name: str, **attrs: Any) -> pefc.Method:
     """A third-party method ``name`` (its config: the base keys only); ``attrs`` set its hooks."""
     config = pydantic.create_model(f"{name.title()}Config", __base__=pefc.AdapterConfig,

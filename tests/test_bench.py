@@ -1,13 +1,18 @@
-"""`pefc bench --json` returns every field (structure, not timings)."""
+"""`pefc bench --json` returns every field (structure, not timings); the issue-18 train-step script runs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from pefc.bench import check_clock
 from pefc.cli import main
+from pefc.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +33,34 @@ def test_bench_json_has_every_field(spec, capsys):
     assert data["fusion"] == {"groups": 2}  # q and v read one input, in each of 2 layers
     assert data["compile_s"] > 0 and data["capture_s"] > 0
     assert data["peft"]["method"] == "lora"
+    assert data["clock"] == "wall" and data["threads"] == torch.get_num_threads()
+
+
+def test_cpu_clock_is_refused_for_a_cuda_run():
+    with pytest.raises(SpecError, match="--clock wall"):
+        check_clock("cpu", "cuda")
+    check_clock("cpu", "cpu")
+
+
+def test_train_steps_example_times_each_case_against_peft(tmp_path, monkeypatch, capsys):
+    """The README's issue-18 command (examples/bench_train_steps.py), on small dims."""
+    spec = importlib.util.spec_from_file_location("bench_train_steps", ROOT / "examples/bench_train_steps.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "steps.json"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["bench_train_steps.py", f"{ROOT}/specs/llama-lora.yaml:r=16,alpha=32,dropout=0",
+                                      f"{ROOT}/specs/llama-lora.yaml:dropout=0.05", "--repeats", "2", "--warmup", "1",
+                                      "--dims", "batch=1", "seq=8", "--json", str(out)])
+    try:
+        script.main()
+    finally:
+        torch.set_num_threads(threads)
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["case"].split(":")[1] for c in cases] == ["r=16,alpha=32,dropout=0", "dropout=0.05"]
+    assert all(c["pefc_ms"] > 0 and c["peft_ms"] > 0 and c["pefc/peft"] > 0 for c in cases)
+    assert "pefc/peft" in capsys.readouterr().out
+    assert script.load_case(f"{ROOT}/specs/llama-lora.yaml:r=16,dropout=0.05").adapters[0].r == 16
 
 
 def test_bench_rejects_bad_dims(capsys):
@@ -36,12 +69,18 @@ def test_bench_rejects_bad_dims(capsys):
 
 
 def test_bench_generate_json_times_every_runner_side_by_side(capsys):
-    code = main(["bench", str(ROOT / "specs/llama-lora.yaml"), "--generate", "--json", "--prompt", "4",
-                 "--new-tokens", "2", "--batches", "1", "2", "--repeats", "2", "--no-onnx"])
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", str(ROOT / "specs/llama-lora.yaml"), "--generate", "--json", "--prompt", "4",
+                     "--new-tokens", "2", "--batches", "1", "2", "--repeats", "2", "--no-onnx",
+                     "--threads", "1", "--clock", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     data = json.loads(captured.out)
     assert (data["prompt"], data["new_tokens"], data["repeats"]) == (4, 2, 2)
+    assert (data["clock"], data["threads"]) == ("cpu", 1)
     assert [row["batch"] for row in data["rows"]] == [1, 2]
     for row, ratios in zip(data["rows"], data["ratios"], strict=True):
         assert set(row["tokens_per_s"]) == {"pefc", "pefc merged", "base HF", "HF PEFT"}

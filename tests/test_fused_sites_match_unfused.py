@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import batch, make_spec, randomize_adapters
+from conftest import FixedMask, batch, make_spec, randomize_adapters
 from torch import nn
 
 import pefc
@@ -44,17 +44,6 @@ def pair(request) -> tuple[pefc.CompiledModel, pefc.CompiledModel]:
     fused = unfused.clone()
     assert fuse_shared_inputs(fused) == GROUPS
     return unfused, fused
-
-
-class FixedMask(nn.Dropout):
-    """Dropout with a mask that depends only on the input's shape: two calls, one mask."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return x
-        g = torch.Generator().manual_seed(x.numel())
-        keep = torch.rand(x.shape, generator=g) >= self.p
-        return x * keep / (1 - self.p)
 
 
 def _outputs_and_grads(model: pefc.CompiledModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
