@@ -1,4 +1,4 @@
-"""Dropout that keeps a one-byte mask for backward and draws it four times as fast as ``nn.Dropout`` on CPU.
+"""Dropout that keeps a one-byte mask for backward and draws four elements from each 64-bit draw of the generator.
 
 On CPU ``nn.Dropout`` multiplies the input by a float mask ``bernoulli(1 − p) / (1 − p)`` and
 autograd keeps that mask, four bytes per element, for every dropout until backward. Its draws are
