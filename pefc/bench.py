@@ -229,23 +229,65 @@ def _measure_compiled(report: BenchReport, compiled: nn.Module, reference: nn.Mo
 def _peft_reference(report: BenchReport, spec: SpecBase, base: nn.Module, compiled: CompiledModel,
                     device: torch.device) -> nn.Module | None:
     """The same adapter built by HF PEFT on a copy of ``base`` (train mode), or None (reason in the report)."""
+    reference, report.peft = peft_reference(spec, base, compiled, device)
+    return reference
+
+
+def peft_reference(spec: SpecBase, base: nn.Module, compiled: CompiledModel,
+                   device: torch.device) -> tuple[nn.Module | None, dict[str, Any]]:
+    """HF PEFT's model of ``spec``'s adapter on a copy of ``base`` (train mode) and what it is
+    (``version``, ``method``, ``trainable_params``), or None and ``{"skipped": why}``."""
     from pefc.interop.peft import PEFT_METHODS, peft_config
 
     if len(spec.adapters) != 1 or spec.adapters[0].method not in PEFT_METHODS:
-        report.peft["skipped"] = "HF PEFT has no single equivalent of this spec"
-        return None
+        return None, {"skipped": "HF PEFT has no single equivalent of this spec"}
     try:
         import peft
     except ImportError:
-        report.peft["skipped"] = "peft is not installed"
-        return None
+        return None, {"skipped": "peft is not installed"}
     adapter = spec.adapters[0]
     config = peft_config(compiled, adapter.name, base_class=type(base).__name__)
     reference = peft.get_peft_model(copy.deepcopy(base), config).to(device)
     reference.train()
-    report.peft.update({"version": peft.__version__, "method": adapter.method,
-                        "trainable_params": sum(p.numel() for p in reference.parameters() if p.requires_grad)})
-    return reference
+    return reference, {"version": peft.__version__, "method": adapter.method,
+                       "trainable_params": sum(p.numel() for p in reference.parameters() if p.requires_grad)}
+
+
+def run_train_steps_bench(cases: dict[str, SpecBase], *, repeats: int = 15, warmup: int = 3,
+                          dims: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """One train step of pefc and of HF PEFT for every case, every model timed in turn in one loop
+    (so drift in clock speed or load falls on all alike), on CPU: per case ``{"case", "pefc_ms",
+    "peft_ms", "pefc/peft", "wall pefc/peft"}``, medians of CPU time (and the ratio of wall time)."""
+    device = torch.device("cpu")
+    steps: dict[tuple[str, str], Callable[[], None]] = {}
+    for name, spec in cases.items():
+        if spec.model is None:
+            raise SpecError(f"{name}: the train-step bench needs a spec with a `model`")
+        base = build_model(spec.model, device="cpu").eval()
+        compiled = compile_spec(spec, model=copy.deepcopy(base)).train()
+        inputs = example_inputs(spec, device=device, seed=1, sizes={**spec.dims(), **(dims or {})})
+        reference, info = peft_reference(spec, base, compiled, device)
+        if reference is None:
+            raise SpecError(f"{name}: {info['skipped']}")
+        steps[(name, "pefc")], steps[(name, "peft")] = _train_step(compiled, inputs), _train_step(reference, inputs)
+    for run in steps.values():
+        for _ in range(warmup):
+            run()
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    wall: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, run in steps.items():
+            started_cpu, started_wall = time.process_time(), time.perf_counter()
+            run()
+            cpu[key].append((time.process_time() - started_cpu) * 1000)
+            wall[key].append((time.perf_counter() - started_wall) * 1000)
+    rows = []
+    for name in cases:
+        ms = {side: statistics.median(cpu[(name, side)]) for side in ("pefc", "peft")}
+        wall_ms = {side: statistics.median(wall[(name, side)]) for side in ("pefc", "peft")}
+        rows.append({"case": name, "pefc_ms": ms["pefc"], "peft_ms": ms["peft"], "pefc/peft": ms["pefc"] / ms["peft"],
+                     "wall pefc/peft": wall_ms["pefc"] / wall_ms["peft"]})
+    return rows
 
 
 # --- a float base against a quantized one (``pefc bench SPEC --quantized nf4``) ---------------

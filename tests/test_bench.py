@@ -38,6 +38,31 @@ def test_bench_json_has_every_field(spec, capsys):
     assert data["clock"] == "wall" and data["threads"] == torch.get_num_threads()
 
 
+def test_bench_rejects_bad_dims(capsys):
+    assert main(["bench", str(ROOT / "specs/llama-lora.yaml"), "--dims", "seq=x"]) == 2
+    assert "NAME=SIZE" in capsys.readouterr().err
+
+
+def test_bench_generate_json_times_every_runner_side_by_side(capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", str(ROOT / "specs/llama-lora.yaml"), "--generate", "--json", "--prompt", "4",
+                     "--new-tokens", "2", "--batches", "1", "2", "--repeats", "2", "--no-onnx",
+                     "--threads", "1", "--clock", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    data = json.loads(captured.out)
+    assert (data["prompt"], data["new_tokens"], data["repeats"]) == (4, 2, 2)
+    assert (data["clock"], data["threads"]) == ("cpu", 1)
+    assert [row["batch"] for row in data["rows"]] == [1, 2]
+    for row, ratios in zip(data["rows"], data["ratios"], strict=True):
+        assert set(row["tokens_per_s"]) == {"pefc", "pefc merged", "base HF", "HF PEFT"}
+        assert all(rate > 0 for rate in row["tokens_per_s"].values()) and row["load"] >= 0
+        assert set(ratios) == {"pefc merged/base HF", "pefc/HF PEFT"}
+
+
 def test_cpu_clock_is_refused_for_a_cuda_run():
     with pytest.raises(SpecError, match="--clock wall"):
         check_clock("cpu", "cuda")
