@@ -117,13 +117,7 @@ def check_clock(clock: str, device: str | torch.device) -> None:
 def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
              warmup: int, *, peaks: bool = True, clock: str = "wall") -> dict[str, Measurement]:
     """Warm each run up, time them round-robin ``repeats`` times, then (``peaks``) take each one's peak memory."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            times[name].append(_elapsed_ms(run, device, CLOCKS[clock]))
+    times = _round_robin(runs, device, repeats, warmup, (clock,))[clock]
     peak_mb: dict[str, float | None] = dict.fromkeys(runs)
     for name, run in runs.items() if peaks else ():
         with _PeakMemory(device) as memory:
@@ -132,14 +126,24 @@ def _measure(runs: dict[str, Callable[[], Any]], device: torch.device, repeats: 
     return {name: Measurement(statistics.median(times[name]), peak_mb[name]) for name in runs}
 
 
-def _elapsed_ms(run: Callable[[], Any], device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (clock() - start) * 1000
+def _round_robin(runs: dict[Any, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
+                 clocks: tuple[str, ...]) -> dict[str, dict[Any, list[float]]]:
+    """Warm each run up, then time one call of each in turn, ``repeats`` rounds: ms per clock and run."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, dict[Any, list[float]]] = {clock: {name: [] for name in runs} for clock in clocks}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = [CLOCKS[clock]() for clock in clocks]
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            for clock, start in zip(clocks, started, strict=True):
+                times[clock][name].append((CLOCKS[clock]() - start) * 1000)
+    return times
 
 
 def _loss(output: Any) -> torch.Tensor:
@@ -270,21 +274,11 @@ def run_train_steps_bench(cases: dict[str, SpecBase], *, repeats: int = 15, warm
         if reference is None:
             raise SpecError(f"{name}: {info['skipped']}")
         steps[(name, "pefc")], steps[(name, "peft")] = _train_step(compiled, inputs), _train_step(reference, inputs)
-    for run in steps.values():
-        for _ in range(warmup):
-            run()
-    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    wall: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for _ in range(repeats):
-        for key, run in steps.items():
-            started_cpu, started_wall = time.process_time(), time.perf_counter()
-            run()
-            cpu[key].append((time.process_time() - started_cpu) * 1000)
-            wall[key].append((time.perf_counter() - started_wall) * 1000)
+    times = _round_robin(steps, device, repeats, warmup, ("cpu", "wall"))
     rows = []
     for name in cases:
-        ms = {side: statistics.median(cpu[(name, side)]) for side in ("pefc", "peft")}
-        wall_ms = {side: statistics.median(wall[(name, side)]) for side in ("pefc", "peft")}
+        ms, wall_ms = ({side: statistics.median(times[clock][(name, side)]) for side in ("pefc", "peft")}
+                       for clock in ("cpu", "wall"))
         rows.append({"case": name, "pefc_ms": ms["pefc"], "peft_ms": ms["peft"], "pefc/peft": ms["pefc"] / ms["peft"],
                      "wall pefc/peft": wall_ms["pefc"] / wall_ms["peft"]})
     return rows

@@ -33,7 +33,7 @@ def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int
     "ratios"}``.
 
     ``"skipped"`` names a runner left out and why (e.g. onnxruntime for prompt tuning)."""
-    from pefc.bench import CLOCKS, check_clock
+    from pefc.bench import CLOCKS, check_clock, peft_reference
     from pefc.compiler import compile as compile_spec
 
     if spec.model is None:
@@ -47,9 +47,9 @@ def run_generate_bench(spec: SpecBase, *, device: str | None = None, prompt: int
         "pefc": lambda ids: compiled.generate(ids, new_tokens, eos_token_id=[]),
         "pefc merged": lambda ids: merged.generate(ids, new_tokens, eos_token_id=[]),
         "base HF": _hf_generate(base, new_tokens)}
-    reference = _peft_model(spec, base, compiled) if compare_peft else None
+    reference = peft_reference(spec, base, compiled, torch.device(device))[0] if compare_peft else None
     if reference is not None:
-        runners["HF PEFT"] = _hf_generate(reference, new_tokens)
+        runners["HF PEFT"] = _hf_generate(reference.eval(), new_tokens)
     skipped: dict[str, str] = {}
     vocab = int(compiled.pefc.base_info.get("vocab_size") or 100)
     rows = []
@@ -106,19 +106,6 @@ def _hf_generate(model: torch.nn.Module, new_tokens: int) -> Callable[[torch.Ten
             return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return run
-
-
-def _peft_model(spec: SpecBase, base: torch.nn.Module, compiled: Any) -> torch.nn.Module | None:
-    from pefc.interop.peft import PEFT_METHODS, peft_config
-
-    if len(spec.adapters) != 1 or spec.adapters[0].method not in PEFT_METHODS:
-        return None
-    try:
-        import peft
-    except ImportError:
-        return None
-    config = peft_config(compiled, spec.adapters[0].name, base_class=type(base).__name__)
-    return peft.get_peft_model(copy.deepcopy(base), config).eval()
 
 
 def _seconds(run: Callable[[torch.Tensor], Any], ids: torch.Tensor, clock: Callable[[], float]) -> float:
