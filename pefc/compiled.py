@@ -102,24 +102,23 @@ class CompiledModel(fx.GraphModule):
         return self
 
     def recompile(self) -> Any:
-        """Regenerate the code from the flat graph, cut per layer if the layers are :class:`LayerBlock` s."""
+        """Regenerate the code from the flat graph, lowered (:mod:`pefc.lowering`) and cut per layer if
+        the layers are :class:`LayerBlock` s."""
         from pefc.layers import bind_layer_blocks, layer_blocks, plan_partition
+        from pefc.lowering import lowered_graph
 
         blocks = dict(layer_blocks(self))
-        if not blocks:
-            code = super().recompile()
-            track_source(self)  # forget the generated source once this forward is replaced or dies
-            _sign_forward(self)
-            return code
-        partition = plan_partition(self._graph, list(blocks))
         flat = self._graph
-        self._graph = partition.root
+        lowered = lowered_graph(self, flat)
+        partition = plan_partition(lowered, list(blocks)) if blocks else None
+        self._graph = partition.root if partition is not None else lowered
         try:
             code = super().recompile()
         finally:
             self._graph = flat
-        bind_layer_blocks(self, blocks, partition)
-        track_source(self)
+        if partition is not None:
+            bind_layer_blocks(self, blocks, partition)
+        track_source(self)  # forget the generated source once this forward is replaced or dies
         _sign_forward(self)
         return code
 
@@ -171,6 +170,12 @@ class CompiledModel(fx.GraphModule):
         from pefc.layers import layer_blocks
 
         return any(block.checkpoint for _, block in layer_blocks(self))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledModel:
+        copied = super().__deepcopy__(memo)
+        if getattr(getattr(copied, "pefc", None), "lowerings", None):
+            copied.recompile()  # deepcopy generated the code before the compile state was back
+        return copied
 
     def clone(self) -> CompiledModel:
         """A deep copy (weights, adapters, graph and compile state)."""

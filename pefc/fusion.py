@@ -14,13 +14,19 @@ mask per site, as HF PEFT, and leaves those sites unfused).
 Any method benefits whose site module (placed with :meth:`pefc.RewriteContext.wrap_output`)
 declares the structure, :class:`SharedInputFusable`: the pass runs from the public
 ``pefc_after_rewrite`` hook (the built-in ``fusion`` plugin), over every adapter alike.
+
+A second step, :func:`lower_base_products`, is a *lowering* (:mod:`pefc.lowering`): it changes
+the code the model runs, not its graph. Where a :class:`BaseFusable` site's base output is a
+plain ``linear`` read by that site alone, the base products and low-rank updates of the sites
+of one input run as one autograd node (:mod:`pefc.fused_linear`): no copy of the base output,
+the input's gradient accumulated in one buffer.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
@@ -51,6 +57,24 @@ class SharedInputFusable(Protocol):
     fusion_dropout: str | None
 
     def fusion_key(self) -> Hashable | None: ...
+
+
+@runtime_checkable
+class BaseFusable(SharedInputFusable, Protocol):
+    """A :class:`SharedInputFusable` site module whose output is ``finish(y + s (h Bᵀ), *extra)``
+    for the base output ``y``, ``h = drop(x) Aᵀ`` and its extra arguments (DoRA: weight and bias).
+
+    - ``fusion_up``: the name of its ``B`` parameter, ``[out, r]``; ``fusion_scale``: ``s``.
+    - ``fuses_base()``: whether the current mode computes that form (checked on every call).
+    - ``finish(acc, *extra)``: the output from ``acc = y + s h Bᵀ`` (``y`` with the bias).
+    """
+
+    fusion_up: str
+    fusion_scale: float
+
+    def fuses_base(self) -> bool: ...
+
+    def finish(self, acc: torch.Tensor, *extra: Any) -> torch.Tensor: ...
 
 
 def stacked_down(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -111,3 +135,79 @@ def _mark(node: fx.Node, like: fx.Node) -> fx.Node:
     if "nn_module_stack" in like.meta:
         node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
     return node
+
+
+# -- lowering: base products and updates as one node (pefc.fused_linear) ---------------------
+
+def lower_base_products(model: fx.GraphModule, graph: fx.Graph) -> int:
+    """In ``graph`` (the copy the model's code is generated from), run each group of
+    :class:`BaseFusable` sites of one input, with their plain ``linear`` base products, as one
+    :func:`pefc.fused_linear.fused_linear_sites` call; return the number of groups lowered.
+
+    A group is the sites sharing one :func:`stacked_down` product, or one site alone; it is
+    lowered only if every member's base output is an ``aten.linear`` of the group's input on
+    parameters read by ``get_attr`` and used by that member alone."""
+    groups: dict[fx.Node, list[tuple[fx.Node, fx.Node]]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(model.get_submodule(node.target), BaseFusable):
+            continue
+        base = node.args[1] if len(node.args) > 1 else None
+        if not _plain_linear(base) or len(base.users) != 1:
+            continue
+        down = node.kwargs.get("down")
+        key = down.args[0] if isinstance(down, fx.Node) and down.target is operator.getitem else node
+        groups.setdefault(key, []).append((node, base))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    lowered = 0
+    for key, members in groups.items():
+        shared = key.op == "call_function" and key.target is stacked_down
+        if shared and len(members) != len(key.users):
+            continue  # a member of the shared product is not lowerable: keep the group as it is
+        if not shared and ("down" in key.kwargs or key.args[0] is not members[0][1].args[0]):
+            continue
+        if _lower(model, graph, members, key if shared else None, order):
+            lowered += 1
+    if hasattr(model, "pefc"):
+        model.pefc.extras.setdefault("fusion", {})["base_products"] = lowered
+    return lowered
+
+
+def _plain_linear(node: Any) -> bool:
+    return (isinstance(node, fx.Node) and node.target is torch.ops.aten.linear.default and not node.kwargs
+            and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:]))
+
+
+def _lower(model: fx.GraphModule, graph: fx.Graph, members: list[tuple[fx.Node, fx.Node]],
+           shared: fx.Node | None, order: dict[fx.Node, int]) -> bool:
+    members = sorted(members, key=lambda m: order[m[0]])
+    x = members[0][1].args[0]
+    branch = shared.args[0] if shared is not None else None
+    first = members[0][0]
+    extras = [tuple(site.args[2:]) for site, _ in members]
+    if any(base.args[0] is not x for _, base in members) or any(
+            shared is not None and site.args[0] is not branch for site, _ in members):
+        return False
+    inputs = [x, *([branch] if branch is not None else []), *(a for e in extras for a in e if isinstance(a, fx.Node))]
+    if any(order[n] > order[first] for n in inputs):
+        return False
+    with graph.inserting_before(first):
+        entries = tuple((_mark(graph.get_attr(site.target), first), base.args[1],
+                         base.args[2] if len(base.args) > 2 else None, extra, shared is not None)
+                        for (site, base), extra in zip(members, extras, strict=True))
+        from pefc.fused_linear import fused_linear_sites
+
+        fused = _mark(graph.call_function(fused_linear_sites, (x, branch, entries)), first)
+        outs = [_mark(graph.call_function(operator.getitem, (fused, i)), first) for i in range(len(members))]
+    for (site, base), out in zip(members, outs, strict=True):
+        site.replace_all_uses_with(out)
+        graph.erase_node(site)
+        graph.erase_node(base)
+    if shared is not None:
+        for user in list(shared.users):
+            graph.erase_node(user)
+        weights = [w for w in shared.args[1:] if isinstance(w, fx.Node)]
+        graph.erase_node(shared)
+        for weight in weights:
+            if not weight.users:
+                graph.erase_node(weight)
+    return True

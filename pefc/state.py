@@ -28,6 +28,8 @@ class CompileState:
     base_info: dict[str, Any] = field(default_factory=dict)
     #: base parameters trained in full (the spec's ``modules_to_save``): name -> module path
     saved_params: dict[str, str] = field(default_factory=dict)
+    #: passes over the code the model runs, not over its graph (:mod:`pefc.lowering`)
+    lowerings: list[Any] = field(default_factory=list)
 
     @property
     def adapter_names(self) -> list[str]:

@@ -32,7 +32,7 @@ def test_bench_json_has_every_field(spec, capsys):
         assert row["median_ms"] > 0
         assert "peak_mb" in row
     assert {"forward adapted/base", "forward merged/base", "train pefc/peft", "train peak pefc/peft"} <= set(data["ratios"])
-    assert data["fusion"] == {"groups": 2}  # q and v read one input, in each of 2 layers
+    assert data["fusion"] == {"groups": 2, "base_products": 2}  # q and v read one input, in each of 2 layers
     assert data["compile_s"] > 0 and data["capture_s"] > 0
     assert data["peft"]["method"] == "lora"
     assert data["clock"] == "wall" and data["threads"] == torch.get_num_threads()

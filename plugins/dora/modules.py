@@ -49,6 +49,15 @@ class DoraUpdate(LoraUpdate):
         scaled = g * self.add_scaled(y - bias if bias is not None else y, h)  # g (W0 x + s B A x)
         return scaled + bias if bias is not None else scaled
 
+    def fuses_base(self) -> bool:
+        """The fused form is ``g (W0 x + s B A d(x))``: not HF PEFT's ``dropout_scope: update`` in training."""
+        return not (self.training and isinstance(self.dropout, nn.Dropout) and self.dropout_scope == "update")
+
+    def finish(self, acc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The output from ``acc = W0 x + b + s B A d(x)``."""
+        g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(acc.dtype)
+        return g * acc if bias is None else g * (acc - bias) + bias
+
     def _base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.layout == "in_out" else F.linear(x, weight)
 

@@ -1,6 +1,7 @@
 """The horizontal-fusion pass (:mod:`pefc.fusion`), run on every compiled model through the
 public ``pefc_after_rewrite`` hook: same-adapter sites reading one input share one
-down-projection. Switch it off with ``PEFC_DISABLE_PLUGINS=fusion``."""
+down-projection, and the base products of low-rank sites run with their updates as one node
+(a lowering, :mod:`pefc.lowering`). Switch both off with ``PEFC_DISABLE_PLUGINS=fusion``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pefc
 
 @pefc.hookimpl
 def pefc_after_rewrite(model: Any, spec: Any) -> None:
-    from pefc.fusion import fuse_shared_inputs
+    from pefc.fusion import fuse_shared_inputs, lower_base_products
+    from pefc.lowering import add_lowering
 
     model.pefc.extras["fusion"] = {"groups": fuse_shared_inputs(model)}
+    add_lowering(model, lower_base_products)

@@ -71,6 +71,21 @@ class LoraUpdate(pefc.SiteModule):
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         return None if p > 0 and not self.shared_mask else (type(self).__name__, p, self.lora_A.dtype)
 
+    # -- pefc.fusion.BaseFusable: the base product and this update as one node ---------------
+
+    fusion_up = "lora_B"
+
+    @property
+    def fusion_scale(self) -> float:
+        return self.scaling
+
+    def fuses_base(self) -> bool:
+        return True
+
+    def finish(self, acc: torch.Tensor) -> torch.Tensor:
+        """The output from ``acc = y + s B A x``: itself."""
+        return acc
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 

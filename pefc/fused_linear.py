@@ -1,0 +1,146 @@
+"""Base products and low-rank updates of sites that read one input, as one autograd node.
+
+A LoRA-style site computes ``y_i = x W_iᵀ (+ b_i) + s_i (d(x) A_iᵀ) B_iᵀ``. Run op by op, every
+site writes its base output, then a copy of it with the update added (``addmm``), and backward
+sums the input's gradient over the base products and the low-rank ones with an out-of-place
+add each. :class:`FusedLinearLowRank` does the same arithmetic with less traffic over memory:
+
+- forward: ``u = d(x) [A_1; A_2; ...]ᵀ`` once, then per site ``y_i = x W_iᵀ`` and the update
+  accumulated into ``y_i`` in place (``addmm_``);
+- backward: ``gx = Σ g_i W_i + Σ (s_i g_i B_i) A_i`` accumulated into one buffer in place, ``A``'s
+  gradient for the group as one product, ``B_i``'s as ``s_i g_iᵀ u_i``.
+
+The frozen base gets no weight gradient. The result equals the op-by-op graph up to float
+rounding (sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the
+fused one does not apply (see :func:`_fusable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: one site: (module, base weight, base bias or None, the module's extra args, takes ``down``)
+Member = tuple[nn.Module, torch.Tensor, "torch.Tensor | None", tuple[Any, ...], bool]
+
+
+def fused_linear_sites(x: torch.Tensor, branch: torch.Tensor | None,
+                       members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+    """Every member's output for input ``x``: ``module(b, x Wᵀ + bias, *extra[, down=...])``.
+
+    ``branch`` is the group's dropped input (shared by members that take ``down``) or ``None``
+    for a single site that drops its own input. Fused where :func:`_fusable`; otherwise the
+    op-by-op computation the graph had (under ``torch.compile``, ``torch.export`` or autocast, for
+    tensor subclasses, mixed dtypes or a trainable base)."""
+    from pefc.fusion import stacked_down
+
+    modules = [m[0] for m in members]
+    if branch is None and len(members) == 1:
+        module = modules[0]
+        drops = module.training and isinstance(getattr(module, "dropout", None), nn.Dropout)
+        if not _fusable(x, members):
+            return (module(x, F.linear(x, members[0][1], members[0][2]), *members[0][3]),)
+        branch = module.dropout(x) if drops else None
+        return _fused(x, branch, members)
+    if not _fusable(x, members):
+        weights = [getattr(m, m.fusion_weight) for m in modules]
+        downs = stacked_down(branch, *weights)
+        return tuple(m(branch, F.linear(x, w, b), *extra, down=downs[i])
+                     for i, (m, w, b, extra, _) in enumerate(members))
+    return _fused(x, None if branch is x else branch, members)
+
+
+def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+    modules = [m[0] for m in members]
+    ups = [getattr(m, m.fusion_up) for m in modules]
+    downs = [getattr(m, m.fusion_weight) for m in modules]
+    weights = [m[1] for m in members]
+    biases = [m[2] for m in members]
+    scales = tuple(float(m.fusion_scale) for m in modules)
+    n = len(members)
+    tensors = (*weights, *downs, *ups)
+    outs = FusedLinearLowRank.apply(x, branch, n, scales, tuple(b is not None for b in biases),
+                                    *tensors, *(b for b in biases if b is not None))
+    return tuple(m.finish(out, *extra) for m, out, (_, _, _, extra, _) in zip(modules, outs, members, strict=True))
+
+
+def _fusable(x: torch.Tensor, members: Sequence[Member]) -> bool:
+    """Plain tensors of one dtype and device, a frozen base, and every module willing
+    (``fuses_base()``: e.g. DoRA's ``dropout_scope: update`` while training is not)."""
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.dim() < 2
+            or torch.is_autocast_enabled(x.device.type)):
+        return False
+    tensors = [x]
+    for module, weight, bias, _, _ in members:
+        if not module.fuses_base() or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        tensors += [weight, getattr(module, module.fusion_weight), getattr(module, module.fusion_up)]
+        tensors += [bias] if bias is not None else []
+    first = tensors[0]
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == first.dtype and t.device == first.device
+               for t in tensors)
+
+
+class FusedLinearLowRank(torch.autograd.Function):
+    """``acc_i = x W_iᵀ + b_i + s_i (d Aᵀ)_i B_iᵀ`` for every site ``i`` of one input (``d``: the
+    dropped input, or ``x`` itself when ``branch`` is None); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, branch: torch.Tensor | None, n: int, scales: tuple[float, ...],
+                has_bias: tuple[bool, ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights, downs, ups = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
+        biases = iter(tensors[3 * n:])
+        x2 = x.reshape(-1, x.shape[-1])
+        d2 = x2 if branch is None else branch.reshape(-1, branch.shape[-1])
+        stacked = torch.cat(downs) if n > 1 else downs[0]
+        u = torch.mm(d2, stacked.t())
+        outs, start = [], 0
+        for weight, down, up, scale, bias in zip(weights, downs, ups, scales, has_bias, strict=True):
+            y = torch.addmm(next(biases), x2, weight.t()) if bias else torch.mm(x2, weight.t())
+            y.addmm_(u[:, start:start + down.shape[0]], up.t(), alpha=scale)
+            outs.append(y.view(*x.shape[:-1], weight.shape[0]))
+            start += down.shape[0]
+        ctx.save_for_backward(d2, u, stacked, *weights, *ups)
+        ctx.meta = (n, scales, has_bias, x.shape, None if branch is None else branch.shape,
+                    [d.shape[0] for d in downs])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        n, scales, has_bias, x_shape, branch_shape, ranks = ctx.meta
+        d2, u, stacked, *rest = ctx.saved_tensors
+        weights, ups = rest[:n], rest[n:]
+        need = ctx.needs_input_grad
+        need_x, need_branch = need[0], branch_shape is not None and need[1]
+        need_downs = any(need[5 + n:5 + 2 * n])
+        need_ups = need[5 + 2 * n:5 + 3 * n]
+        low = need_downs or need_branch or (need_x and branch_shape is None)
+        tokens = d2.shape[0]
+        g_low_t = torch.empty(sum(ranks), tokens, dtype=u.dtype, device=u.device) if low else None
+        gx = None
+        up_grads: list[torch.Tensor | None] = []
+        start = 0
+        for weight, up, scale, rank, grad, wants_up in zip(weights, ups, scales, ranks, grads, need_ups, strict=True):
+            g2 = grad.reshape(-1, grad.shape[-1])
+            up_grads.append(torch.mm(g2.t(), u[:, start:start + rank]).mul_(scale) if wants_up else None)
+            if low:
+                torch.mm((up * scale).t(), g2.t(), out=g_low_t[start:start + rank])  # (s g B)ᵀ
+            if need_x:
+                gx = torch.mm(g2, weight) if gx is None else gx.addmm_(g2, weight)
+            start += rank
+        down_grads: list[torch.Tensor | None] = [None] * n
+        if need_downs:
+            down_grads = list(torch.mm(g_low_t, d2).split(ranks))
+        g_branch = None
+        if need_branch:
+            g_branch = torch.mm(g_low_t.t(), stacked).view(branch_shape)
+        elif need_x and branch_shape is None:
+            gx = gx.addmm_(g_low_t.t(), stacked)
+        if gx is not None:
+            gx = gx.view(x_shape)
+        return (gx, g_branch, None, None, None, *([None] * n), *down_grads, *up_grads,
+                *([None] * sum(has_bias)))

@@ -1,0 +1,133 @@
+"""Low-rank sites' base products run with their updates as one node (``pefc.fusion.lower_base_products``,
+``pefc.fused_linear``): the same outputs and gradients as the op-by-op code; the graph is unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FixedMask, batch, make_spec, randomize_adapters
+from torch import nn
+
+import pefc
+from pefc import fused_linear
+from pefc.spec import parse_spec
+
+EVERY_LINEAR = ["@attn.q", "@attn.k", "@attn.v", "@attn.o", "@mlp.gate", "@mlp.up", "@mlp.down"]
+LOWERED = 8  # per layer: q/k/v, o, gate/up, down; 2 layers
+
+
+def _pair(family: str, method: str, **keys: object) -> tuple[pefc.CompiledModel, pefc.CompiledModel]:
+    """(op by op, lowered): one model, its clone without the lowering; adapters randomised, every
+    dropout a fixed mask (both models drop the same elements)."""
+    adapter = {"name": "a", "method": method, "target": EVERY_LINEAR, "r": 4, **keys}
+    lowered = pefc.compile(parse_spec(make_spec([adapter], family)))
+    randomize_adapters(lowered, scale=0.3)
+    for module in list(lowered.modules()):
+        if isinstance(getattr(module, "dropout", None), nn.Dropout):
+            module.dropout = FixedMask(module.dropout.p)
+    plain = lowered.clone()
+    plain.pefc.lowerings.clear()
+    plain.recompile()
+    return plain, lowered
+
+
+def _outputs_and_grads(model: pefc.CompiledModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch(2, 6)).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a: pefc.CompiledModel, b: pefc.CompiledModel) -> None:
+    out_a, grads_a = _outputs_and_grads(a)
+    out_b, grads_b = _outputs_and_grads(b)
+    assert (out_a - out_b).abs().max().item() < 1e-5
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
+class _Calls:
+    """Counts the fused autograd node's calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        apply = fused_linear.FusedLinearLowRank.apply
+
+        def counted(*args: object) -> object:
+            self.count += 1
+            return apply(*args)
+        monkeypatch.setattr(fused_linear.FusedLinearLowRank, "apply", counted)
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "lora"), ("llama", "dora"), ("qwen2", "lora"),
+                                                ("qwen2", "dora")])
+def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, monkeypatch):
+    """Llama: no biases, grouped-query k/v; Qwen2: biased q/k/v. Dropout 0.2 with one fixed mask."""
+    plain, lowered = _pair(family, method, dropout=0.2)
+    assert lowered.pefc.extras["fusion"]["base_products"] == LOWERED
+    assert "fused_linear_sites" in lowered.code and "fused_linear_sites" not in plain.code
+    calls = _Calls(monkeypatch)
+    for mode in (True, False):
+        plain.train(mode), lowered.train(mode)
+        _assert_same(plain, lowered)
+    assert calls.count == 2 * LOWERED
+    with torch.no_grad():
+        assert (plain(**batch(2, 6)).logits - lowered(**batch(2, 6)).logits).abs().max().item() < 1e-5
+
+
+def test_lowering_leaves_the_graph_as_it_was():
+    plain, lowered = _pair("llama", "lora")
+    assert [n.name for n in lowered.graph.nodes] == [n.name for n in plain.graph.nodes]
+    assert not any(n.target is fused_linear.fused_linear_sites for n in lowered.graph.nodes)
+    merged = lowered.merge()
+    assert "fused_linear_sites" not in merged.code  # no adapter left to lower
+    with torch.no_grad():
+        assert (merged(**batch(2, 6)).logits - lowered.eval()(**batch(2, 6)).logits).abs().max().item() < 1e-5
+
+
+def test_per_site_masks_lower_each_site_alone():
+    plain, lowered = _pair("llama", "lora", dropout=0.1, dropout_masks="per_site")
+    assert lowered.pefc.extras["fusion"] == {"groups": 0, "base_products": 14}
+    plain.train(), lowered.train()
+    _assert_same(plain, lowered)
+
+
+def test_dora_update_scope_runs_op_by_op_while_training(monkeypatch):
+    """HF PEFT's formulation feeds W0 drop(x): not the fused form, so the node computes it op by op."""
+    plain, lowered = _pair("llama", "dora", dropout=0.2, dropout_scope="update")
+    calls = _Calls(monkeypatch)
+    plain.train(), lowered.train()
+    _assert_same(plain, lowered)
+    assert calls.count == 0
+    plain.eval(), lowered.eval()
+    _assert_same(plain, lowered)
+    assert calls.count == LOWERED
+
+
+def test_a_trainable_base_weight_gets_its_gradient_op_by_op(monkeypatch):
+    plain, lowered = _pair("llama", "lora")
+    for model in (plain, lowered):
+        model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(True)
+    calls = _Calls(monkeypatch)
+    _assert_same(plain, lowered)  # compares the base weight's gradient too
+    assert calls.count == LOWERED - 1  # q/k/v of layer 0 run op by op
+
+
+def test_lowered_sites_train_under_gradient_checkpointing(monkeypatch):
+    plain, lowered = _pair("llama", "lora")
+    lowered.gradient_checkpointing_enable()
+    calls = _Calls(monkeypatch)
+    plain.train(), lowered.train()
+    _assert_same(plain, lowered)
+    assert calls.count == 2 * LOWERED  # each layer's region runs again in backward
+
+
+def test_autocast_runs_op_by_op(monkeypatch):
+    """Autocast picks each op's dtype; the fused node's in-place sums would mix them."""
+    plain, lowered = _pair("llama", "lora")
+    calls = _Calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain, out_lowered = plain(**batch(2, 6)).logits, lowered(**batch(2, 6)).logits
+    assert out_lowered.dtype == torch.bfloat16 and calls.count == 0
+    assert torch.equal(out_plain, out_lowered)
