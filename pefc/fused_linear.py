@@ -1,4 +1,6 @@
-"""Base products and low-rank updates of sites that read one input, as one autograd node.
+"""Products of the sites that read one input: the shared down-projection (:func:`stacked_down`,
+:mod:`pefc.fusion`'s graph node) and the base products with their low-rank updates as one
+autograd node (:func:`fused_linear_sites`, what :func:`pefc.fusion.lower_base_products` lowers to).
 
 A LoRA-style site computes ``y_i = x W_iᵀ (+ b_i) + s_i (d(x) A_iᵀ) B_iᵀ``. Run op by op, every
 site writes its base output, then a copy of it with the update added (``addmm``), and backward
@@ -24,34 +26,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: one site: (module, base weight, base bias or None, the module's extra args, takes ``down``)
-Member = tuple[nn.Module, torch.Tensor, "torch.Tensor | None", tuple[Any, ...], bool]
+#: one site: (module, base weight, base bias or None, the module's arguments after ``y``)
+Member = tuple[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Any, ...]]
+
+
+def stacked_down(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``x @ Aᵢᵀ`` for every ``Aᵢ`` as one product with ``[A_1; A_2; ...]``, split back per site.
+
+    Exported graphs keep one product per site (an ONNX file with rank-0 LoRA inputs must not
+    depend on the ranks traced)."""
+    x = x.to(weights[0].dtype)
+    if torch.compiler.is_exporting():
+        return tuple(x @ w.t() for w in weights)
+    return (x @ torch.cat(weights).t()).split([w.shape[0] for w in weights], dim=-1)
 
 
 def fused_linear_sites(x: torch.Tensor, branch: torch.Tensor | None,
                        members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
-    """Every member's output for input ``x``: ``module(b, x Wᵀ + bias, *extra[, down=...])``.
+    """Every member's output for input ``x``: ``module(d, x Wᵀ + bias, *extra[, down=...])``.
 
-    ``branch`` is the group's dropped input (shared by members that take ``down``) or ``None``
-    for a single site that drops its own input. Fused where :func:`_fusable`; otherwise the
-    op-by-op computation the graph had (under ``torch.compile``, ``torch.export`` or autocast, for
-    tensor subclasses, mixed dtypes or a trainable base)."""
-    from pefc.fusion import stacked_down
-
-    modules = [m[0] for m in members]
-    if branch is None and len(members) == 1:
-        module = modules[0]
-        drops = module.training and isinstance(getattr(module, "dropout", None), nn.Dropout)
-        if not _fusable(x, members):
-            return (module(x, F.linear(x, members[0][1], members[0][2]), *members[0][3]),)
-        branch = module.dropout(x) if drops else None
-        return _fused(x, branch, members)
+    ``branch`` is the group's dropped input ``d`` (shared by members that take ``down``), or
+    ``None`` for a single site that drops its own input. Fused where :func:`_fusable`; otherwise
+    the op-by-op computation the graph had (under ``torch.compile``, ``torch.export`` or autocast,
+    for tensor subclasses, mixed dtypes or a trainable base)."""
     if not _fusable(x, members):
-        weights = [getattr(m, m.fusion_weight) for m in modules]
-        downs = stacked_down(branch, *weights)
-        return tuple(m(branch, F.linear(x, w, b), *extra, down=downs[i])
-                     for i, (m, w, b, extra, _) in enumerate(members))
+        return _op_by_op(x, branch, members)
+    if branch is None:  # one site: its own dropout, drawn as its forward would
+        module = members[0][0]
+        if module.training and isinstance(getattr(module, "dropout", None), nn.Dropout):
+            branch = module.dropout(x)
     return _fused(x, None if branch is x else branch, members)
+
+
+def _op_by_op(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+    """What the graph computes: the base ``linear`` of each site, then the site module."""
+    if branch is None:
+        (module, weight, bias, extra), = members
+        return (module(x, F.linear(x, weight, bias), *extra),)
+    downs = stacked_down(branch, *(getattr(m[0], m[0].fusion_weight) for m in members))
+    return tuple(module(branch, F.linear(x, weight, bias), *extra, down=downs[i])
+                 for i, (module, weight, bias, extra) in enumerate(members))
 
 
 def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
@@ -65,7 +79,7 @@ def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Membe
     tensors = (*weights, *downs, *ups)
     outs = FusedLinearLowRank.apply(x, branch, n, scales, tuple(b is not None for b in biases),
                                     *tensors, *(b for b in biases if b is not None))
-    return tuple(m.finish(out, *extra) for m, out, (_, _, _, extra, _) in zip(modules, outs, members, strict=True))
+    return tuple(m.finish(out, *extra) for m, out, (_, _, _, extra) in zip(modules, outs, members, strict=True))
 
 
 def _fusable(x: torch.Tensor, members: Sequence[Member]) -> bool:
@@ -75,7 +89,7 @@ def _fusable(x: torch.Tensor, members: Sequence[Member]) -> bool:
             or torch.is_autocast_enabled(x.device.type)):
         return False
     tensors = [x]
-    for module, weight, bias, _, _ in members:
+    for module, weight, bias, _ in members:
         if not module.fuses_base() or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
         tensors += [weight, getattr(module, module.fusion_weight), getattr(module, module.fusion_up)]

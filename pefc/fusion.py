@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 import torch.fx as fx
 
+from pefc.fused_linear import fused_linear_sites, stacked_down
+
 if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
     from pefc.rewrite import Insertion
@@ -75,17 +77,6 @@ class BaseFusable(SharedInputFusable, Protocol):
     def fuses_base(self) -> bool: ...
 
     def finish(self, acc: torch.Tensor, *extra: Any) -> torch.Tensor: ...
-
-
-def stacked_down(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``x @ Aᵢᵀ`` for every ``Aᵢ`` as one product with ``[A_1; A_2; ...]``, split back per site.
-
-    Exported graphs keep one product per site (an ONNX file with rank-0 LoRA inputs must not
-    depend on the ranks traced)."""
-    x = x.to(weights[0].dtype)
-    if torch.compiler.is_exporting():
-        return tuple(x @ w.t() for w in weights)
-    return (x @ torch.cat(weights).t()).split([w.shape[0] for w in weights], dim=-1)
 
 
 def fuse_shared_inputs(model: CompiledModel) -> int:
@@ -190,14 +181,13 @@ def _lower(model: fx.GraphModule, graph: fx.Graph, members: list[tuple[fx.Node, 
     inputs = [x, *([branch] if branch is not None else []), *(a for e in extras for a in e if isinstance(a, fx.Node))]
     if any(order[n] > order[first] for n in inputs):
         return False
+    like = members[0][1]  # the first base product: its module stack places the node in its layer
     with graph.inserting_before(first):
-        entries = tuple((_mark(graph.get_attr(site.target), first), base.args[1],
-                         base.args[2] if len(base.args) > 2 else None, extra, shared is not None)
+        entries = tuple((_mark(graph.get_attr(site.target), like), base.args[1],
+                         base.args[2] if len(base.args) > 2 else None, extra)
                         for (site, base), extra in zip(members, extras, strict=True))
-        from pefc.fused_linear import fused_linear_sites
-
-        fused = _mark(graph.call_function(fused_linear_sites, (x, branch, entries)), first)
-        outs = [_mark(graph.call_function(operator.getitem, (fused, i)), first) for i in range(len(members))]
+        fused = _mark(graph.call_function(fused_linear_sites, (x, branch, entries)), like)
+        outs = [_mark(graph.call_function(operator.getitem, (fused, i)), like) for i in range(len(members))]
     for (site, base), out in zip(members, outs, strict=True):
         site.replace_all_uses_with(out)
         graph.erase_node(site)
