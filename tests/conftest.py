@@ -89,6 +89,24 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
+def outputs_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits of one `batch(2, 6)` and every parameter's gradient of their mean square."""
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch(2, 6)).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_outputs_and_grads(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Two models compute the same logits and gradients (float32: 1e-5)."""
+    out_a, grads_a = outputs_and_grads(a)
+    out_b, grads_b = outputs_and_grads(b)
+    assert (out_a - out_b).abs().max().item() < 1e-5
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
+
+
 class FixedMask(nn.Dropout):
     """Dropout with a mask that depends only on the input's shape: two calls, one mask (also across
     libraries: swapped in for HF PEFT's dropout and pefc's, both draw the same)."""

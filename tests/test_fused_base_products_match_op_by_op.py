@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FixedMask, batch, make_spec, randomize_adapters
+from conftest import FixedMask, assert_same_outputs_and_grads, batch, make_spec, randomize_adapters
 from torch import nn
 
 import pefc
@@ -31,22 +31,6 @@ def _pair(family: str, method: str, **keys: object) -> tuple[pefc.CompiledModel,
     return plain, lowered
 
 
-def _outputs_and_grads(model: pefc.CompiledModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    logits = model(**batch(2, 6)).logits
-    logits.square().mean().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _assert_same(a: pefc.CompiledModel, b: pefc.CompiledModel) -> None:
-    out_a, grads_a = _outputs_and_grads(a)
-    out_b, grads_b = _outputs_and_grads(b)
-    assert (out_a - out_b).abs().max().item() < 1e-5
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
-
-
 class _Calls:
     """Counts the fused autograd node's calls."""
 
@@ -70,7 +54,7 @@ def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, monke
     calls = _Calls(monkeypatch)
     for mode in (True, False):
         plain.train(mode), lowered.train(mode)
-        _assert_same(plain, lowered)
+        assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 2 * LOWERED
     with torch.no_grad():
         assert (plain(**batch(2, 6)).logits - lowered(**batch(2, 6)).logits).abs().max().item() < 1e-5
@@ -90,7 +74,7 @@ def test_per_site_masks_lower_each_site_alone():
     plain, lowered = _pair("llama", "lora", dropout=0.1, dropout_masks="per_site")
     assert lowered.pefc.extras["fusion"] == {"groups": 0, "base_products": 14}
     plain.train(), lowered.train()
-    _assert_same(plain, lowered)
+    assert_same_outputs_and_grads(plain, lowered)
 
 
 def test_dora_update_scope_runs_op_by_op_while_training(monkeypatch):
@@ -98,10 +82,10 @@ def test_dora_update_scope_runs_op_by_op_while_training(monkeypatch):
     plain, lowered = _pair("llama", "dora", dropout=0.2, dropout_scope="update")
     calls = _Calls(monkeypatch)
     plain.train(), lowered.train()
-    _assert_same(plain, lowered)
+    assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 0
     plain.eval(), lowered.eval()
-    _assert_same(plain, lowered)
+    assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == LOWERED
 
 
@@ -110,7 +94,7 @@ def test_a_trainable_base_weight_gets_its_gradient_op_by_op(monkeypatch):
     for model in (plain, lowered):
         model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(True)
     calls = _Calls(monkeypatch)
-    _assert_same(plain, lowered)  # compares the base weight's gradient too
+    assert_same_outputs_and_grads(plain, lowered)  # compares the base weight's gradient too
     assert calls.count == LOWERED - 1  # q/k/v of layer 0 run op by op
 
 
@@ -119,7 +103,7 @@ def test_lowered_sites_train_under_gradient_checkpointing(monkeypatch):
     lowered.gradient_checkpointing_enable()
     calls = _Calls(monkeypatch)
     plain.train(), lowered.train()
-    _assert_same(plain, lowered)
+    assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 2 * LOWERED  # each layer's region runs again in backward
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import FixedMask, batch, make_spec, randomize_adapters
+from conftest import FixedMask, assert_same_outputs_and_grads, batch, make_spec, randomize_adapters
 from torch import nn
 
 import pefc
@@ -46,29 +46,13 @@ def pair(request) -> tuple[pefc.CompiledModel, pefc.CompiledModel]:
     return unfused, fused
 
 
-def _outputs_and_grads(model: pefc.CompiledModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    logits = model(**batch(2, 6)).logits
-    logits.square().mean().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _assert_same(a: pefc.CompiledModel, b: pefc.CompiledModel) -> None:
-    out_a, grads_a = _outputs_and_grads(a)
-    out_b, grads_b = _outputs_and_grads(b)
-    assert (out_a - out_b).abs().max().item() < 1e-5
-    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
-    for name in grads_a:
-        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4), name
-
-
 def test_fused_sites_match_unfused_without_dropout_in_eval_and_training(pair):
     unfused, fused = pair
     for model in pair:
         model.eval()
     with torch.no_grad():
         assert (unfused(**batch(2, 6)).logits - fused(**batch(2, 6)).logits).abs().max().item() < 1e-5
-    _assert_same(unfused, fused)  # eval: no dropout, gradients still flow
+    assert_same_outputs_and_grads(unfused, fused)  # eval: no dropout, gradients still flow
     for model in pair:
         model.train()
 
@@ -80,7 +64,7 @@ def test_shared_mask_gives_the_unfused_result_with_that_mask(pair):
             if name.startswith("a.") and isinstance(getattr(module, "dropout", None), nn.Dropout):
                 module.dropout = FixedMask(module.dropout.p)
         model.train()
-    _assert_same(*pair)
+    assert_same_outputs_and_grads(*pair)
     fused_graph = [n for n in pair[1].graph.nodes if n.op == "call_module" and n.target.endswith(".dropout")]
     assert len(fused_graph) == GROUPS  # one dropout per group; o and down drop inside their module
 
