@@ -90,9 +90,10 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
 
 
 def outputs_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits of one `batch(2, 6)` and every parameter's gradient of their mean square."""
+    """The first output (logits, or an encoder's hidden states) of one `batch(2, 6)` and every
+    parameter's gradient of its mean square."""
     model.zero_grad(set_to_none=True)
-    logits = model(**batch(2, 6)).logits
+    logits = model(**batch(2, 6))[0]
     logits.square().mean().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -16,11 +16,20 @@ EVERY_LINEAR = ["@attn.q", "@attn.k", "@attn.v", "@attn.o", "@mlp.gate", "@mlp.u
 LOWERED = 8  # per layer: q/k/v, o, gate/up, down; 2 layers
 
 
+NO_BASE_DROPOUT = {"bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+                   "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+TARGETS = {"llama": EVERY_LINEAR, "qwen2": EVERY_LINEAR,
+           "bert": ["@attn.q", "@attn.k", "@attn.v", "@attn.o", "@mlp.up", "@mlp.down"],
+           "gpt2": ["@attn.qkv", "@attn.o", "@mlp.up", "@mlp.down"]}
+
+
 def _pair(family: str, method: str, **keys: object) -> tuple[pefc.CompiledModel, pefc.CompiledModel]:
     """(op by op, lowered): one model, its clone without the lowering; adapters randomised, every
     dropout a fixed mask (both models drop the same elements)."""
-    adapter = {"name": "a", "method": method, "target": EVERY_LINEAR, "r": 4, **keys}
-    lowered = pefc.compile(parse_spec(make_spec([adapter], family)))
+    adapter = {"name": "a", "method": method, "target": TARGETS[family], "r": 4, **keys}
+    spec = make_spec([adapter], family)
+    spec["model"]["hf"]["config"].update(NO_BASE_DROPOUT.get(family, {}))  # training draws only the fixed masks
+    lowered = pefc.compile(parse_spec(spec))
     randomize_adapters(lowered, scale=0.3)
     for module in list(lowered.modules()):
         if isinstance(getattr(module, "dropout", None), nn.Dropout):
@@ -44,20 +53,24 @@ class _Calls:
         monkeypatch.setattr(fused_linear.FusedLinearLowRank, "apply", counted)
 
 
-@pytest.mark.parametrize(("family", "method"), [("llama", "lora"), ("llama", "dora"), ("qwen2", "lora"),
-                                                ("qwen2", "dora")])
-def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, monkeypatch):
-    """Llama: no biases, grouped-query k/v; Qwen2: biased q/k/v. Dropout 0.2 with one fixed mask."""
+@pytest.mark.parametrize(("family", "method", "groups"), [
+    ("llama", "lora", LOWERED), ("llama", "dora", LOWERED),  # no biases, grouped-query k/v
+    ("qwen2", "lora", LOWERED), ("qwen2", "dora", LOWERED),  # biased q/k/v
+    ("bert", "lora", LOWERED),  # an encoder, every linear biased: q/k/v, o, up, down
+    ("gpt2", "lora", 0),  # Conv1D sites (addmm on [in, out] weights) are not lowered
+])
+def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, groups, monkeypatch):
+    """Dropout 0.2 with one fixed mask."""
     plain, lowered = _pair(family, method, dropout=0.2)
-    assert lowered.pefc.extras["fusion"]["base_products"] == LOWERED
-    assert "fused_linear_sites" in lowered.code and "fused_linear_sites" not in plain.code
+    assert lowered.pefc.extras["fusion"]["base_products"] == groups
+    assert ("fused_linear_sites" in lowered.code) == (groups > 0) and "fused_linear_sites" not in plain.code
     calls = _Calls(monkeypatch)
     for mode in (True, False):
         plain.train(mode), lowered.train(mode)
         assert_same_outputs_and_grads(plain, lowered)
-    assert calls.count == 2 * LOWERED
+    assert calls.count == 2 * groups
     with torch.no_grad():
-        assert (plain(**batch(2, 6)).logits - lowered(**batch(2, 6)).logits).abs().max().item() < 1e-5
+        assert (plain(**batch(2, 6))[0] - lowered(**batch(2, 6))[0]).abs().max().item() < 1e-5
 
 
 def test_lowering_leaves_the_graph_as_it_was():
