@@ -77,6 +77,7 @@ def test_lowering_leaves_the_graph_as_it_was():
     plain, lowered = _pair("llama", "lora")
     assert [n.name for n in lowered.graph.nodes] == [n.name for n in plain.graph.nodes]
     assert not any(n.target is fused_linear.fused_linear_sites for n in lowered.graph.nodes)
+    assert "fused_linear_sites" in lowered.clone().code  # a copy keeps its lowering
     merged = lowered.merge()
     assert "fused_linear_sites" not in merged.code  # no adapter left to lower
     with torch.no_grad():
