@@ -49,53 +49,50 @@ def fused_linear_sites(x: torch.Tensor, branch: torch.Tensor | None,
     ``None`` for a single site that drops its own input. Fused where :func:`_fusable`; otherwise
     the op-by-op computation the graph had (under ``torch.compile``, ``torch.export`` or autocast,
     for tensor subclasses, mixed dtypes or a trainable base)."""
-    if not _fusable(x, members):
-        return _op_by_op(x, branch, members)
+    downs = [getattr(m[0], m[0].fusion_weight) for m in members]
+    ups = [getattr(m[0], m[0].fusion_up) for m in members]
+    if not _fusable(x, members, downs, ups):
+        return _op_by_op(x, branch, members, downs)
     if branch is None:  # one site: its own dropout, drawn as its forward would
         module = members[0][0]
         if module.training and isinstance(getattr(module, "dropout", None), nn.Dropout):
             branch = module.dropout(x)
-    return _fused(x, None if branch is x else branch, members)
+    return _fused(x, None if branch is x else branch, members, downs, ups)
 
 
-def _op_by_op(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
+def _op_by_op(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member],
+              downs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """What the graph computes: the base ``linear`` of each site, then the site module."""
     if branch is None:
         (module, weight, bias, extra), = members
         return (module(x, F.linear(x, weight, bias), *extra),)
-    downs = stacked_down(branch, *(getattr(m[0], m[0].fusion_weight) for m in members))
-    return tuple(module(branch, F.linear(x, weight, bias), *extra, down=downs[i])
+    products = stacked_down(branch, *downs)
+    return tuple(module(branch, F.linear(x, weight, bias), *extra, down=products[i])
                  for i, (module, weight, bias, extra) in enumerate(members))
 
 
-def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member]) -> tuple[torch.Tensor, ...]:
-    modules = [m[0] for m in members]
-    ups = [getattr(m, m.fusion_up) for m in modules]
-    downs = [getattr(m, m.fusion_weight) for m in modules]
+def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Member],
+           downs: list[torch.Tensor], ups: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     weights = [m[1] for m in members]
     biases = [m[2] for m in members]
-    scales = tuple(float(m.fusion_scale) for m in modules)
-    n = len(members)
-    tensors = (*weights, *downs, *ups)
-    outs = FusedLinearLowRank.apply(x, branch, n, scales, tuple(b is not None for b in biases),
-                                    *tensors, *(b for b in biases if b is not None))
-    return tuple(m.finish(out, *extra) for m, out, (_, _, _, extra) in zip(modules, outs, members, strict=True))
+    scales = tuple(float(m[0].fusion_scale) for m in members)
+    outs = FusedLinearLowRank.apply(x, branch, len(members), scales, tuple(b is not None for b in biases),
+                                    *weights, *downs, *ups, *(b for b in biases if b is not None))
+    return tuple(module.finish(out, *extra) for (module, _, _, extra), out in zip(members, outs, strict=True))
 
 
-def _fusable(x: torch.Tensor, members: Sequence[Member]) -> bool:
+def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tensor], ups: list[torch.Tensor]) -> bool:
     """Plain tensors of one dtype and device, a frozen base, and every module willing
     (``fuses_base()``: e.g. DoRA's ``dropout_scope: update`` while training is not)."""
     if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.dim() < 2
             or torch.is_autocast_enabled(x.device.type)):
         return False
-    tensors = [x]
+    tensors = [x, *downs, *ups]
     for module, weight, bias, _ in members:
         if not module.fuses_base() or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        tensors += [weight, getattr(module, module.fusion_weight), getattr(module, module.fusion_up)]
-        tensors += [bias] if bias is not None else []
-    first = tensors[0]
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == first.dtype and t.device == first.device
+        tensors += [weight] if bias is None else [weight, bias]
+    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == x.dtype and t.device == x.device
                for t in tensors)
 
 

@@ -158,8 +158,7 @@ def lower_base_products(model: fx.GraphModule, graph: fx.Graph) -> int:
             continue
         if _lower(model, graph, members, key if shared else None, order):
             lowered += 1
-    if hasattr(model, "pefc"):
-        model.pefc.extras.setdefault("fusion", {})["base_products"] = lowered
+    model.pefc.extras.setdefault("fusion", {})["base_products"] = lowered
     return lowered
 
 

@@ -38,7 +38,7 @@ class DoraUpdate(LoraUpdate):
     def forward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, down: torch.Tensor | None = None) -> torch.Tensor:
         """``down`` (fused, :mod:`pefc.fusion`): ``x`` is dropped already and ``down = x Aᵀ``."""
-        g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(y.dtype)
+        g = self._magnitude_scale(weight, y.dtype)
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
         if dropping and down is None:
             x = self.dropout(x)
@@ -55,8 +55,12 @@ class DoraUpdate(LoraUpdate):
 
     def finish(self, acc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The output from ``acc = W0 x + b + s B A d(x)``."""
-        g = (self.lora_magnitude_vector / self.weight_norm(weight)).to(acc.dtype)
+        g = self._magnitude_scale(weight, acc.dtype)
         return g * acc if bias is None else g * (acc - bias) + bias
+
+    def _magnitude_scale(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``g = m / ||W0 + s B A||_row`` in ``dtype``."""
+        return (self.lora_magnitude_vector / self.weight_norm(weight)).to(dtype)
 
     def _base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.layout == "in_out" else F.linear(x, weight)
