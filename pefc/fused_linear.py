@@ -12,6 +12,13 @@ add each. :class:`FusedLinearLowRank` does the same arithmetic with less traffic
 - backward: ``gx = Σ g_i W_i + Σ (s_i g_i B_i) A_i`` accumulated into one buffer in place, ``A``'s
   gradient for the group as one product, ``B_i``'s as ``s_i g_iᵀ u_i``.
 
+Where there is no dropout (``d(x) = x``) the node also picks the cheaper association, as a
+matrix-chain order: ``x (W_i + s_i B_i A_i)ᵀ`` costs ``out·in·r`` multiply-adds for the weight
+against ``tokens·out·r`` for ``(x A_iᵀ) B_iᵀ``, so forward folds the update into a temporary
+weight when the input has more rows than features, and backward does the same for the input's
+gradient when the rows outnumber the group's output features (:func:`_folds`). Only float32 and
+float64 fold: a half-precision ``W + s B A`` would round the update to ``W``'s grid.
+
 The frozen base gets no weight gradient. The result equals the op-by-op graph up to float
 rounding (sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the
 fused one does not apply (see :func:`_fusable`).
@@ -76,24 +83,67 @@ def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Membe
     weights = [m[1] for m in members]
     biases = [m[2] for m in members]
     scales = tuple(float(m[0].fusion_scale) for m in members)
-    outs = FusedLinearLowRank.apply(x, branch, len(members), scales, tuple(b is not None for b in biases),
-                                    *weights, *downs, *ups, *(b for b in biases if b is not None))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *downs, *ups)):
+        outs = FusedLinearLowRank.apply(x, branch, len(members), scales, tuple(b is not None for b in biases),
+                                        *weights, *downs, *ups, *(b for b in biases if b is not None))
+    else:  # inference: nothing kept for backward (and no down-projection where the update folds)
+        outs = _site_products(x, branch, weights, downs, ups, scales, biases, for_backward=False)[0]
     return tuple(module.finish(out, *extra) for (module, _, _, extra), out in zip(members, outs, strict=True))
 
 
 def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tensor], ups: list[torch.Tensor]) -> bool:
     """Plain tensors of one dtype and device, a frozen base, and every module willing
     (``fuses_base()``: e.g. DoRA's ``dropout_scope: update`` while training is not)."""
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.dim() < 2
+    if (x.dim() < 2 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.is_autocast_enabled(x.device.type)):
         return False
+    dtype, device = x.dtype, x.device
     tensors = [x, *downs, *ups]
     for module, weight, bias, _ in members:
         if not module.fuses_base() or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        tensors += [weight] if bias is None else [weight, bias]
-    return all(type(t) in (torch.Tensor, nn.Parameter) and t.dtype == x.dtype and t.device == x.device
-               for t in tensors)
+        tensors.append(weight)
+        if bias is not None:
+            tensors.append(bias)
+    return all(type(t) in _PLAIN and t.dtype == dtype and t.device == device for t in tensors)
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _folds(tokens: int, features: int, dtype: torch.dtype) -> bool:
+    """Whether ``tokens`` rows against ``features`` make ``x (W + s B A)ᵀ`` the cheaper order (see
+    the module docstring)."""
+    return tokens > features and dtype in (torch.float32, torch.float64)
+
+
+def _folded(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + s B A``, a temporary that no gradient flows through."""
+    return torch.addmm(weight, up, down, alpha=scale)
+
+
+def _site_products(x: torch.Tensor, branch: torch.Tensor | None, weights: Sequence[torch.Tensor],
+                   downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
+                   biases: Sequence[torch.Tensor | None], *, for_backward: bool
+                   ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(outputs, u, [A_1; A_2; ...], d2)``: every site's ``x W_iᵀ + b_i + s_i u_i B_iᵀ`` (or
+    ``x (W_i + s_i B_i A_i)ᵀ + b_i``, see :func:`_folds`), with ``u = d2 [A_1; ...]ᵀ`` computed
+    where the outputs or backward (``for_backward``) need it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    d2 = x2 if branch is None else branch.reshape(-1, branch.shape[-1])
+    stacked = torch.cat(downs) if len(downs) > 1 else downs[0]
+    fold = branch is None and _folds(*x2.shape, x.dtype)  # rows against in-features
+    u = torch.mm(d2, stacked.t()) if for_backward or not fold else None
+    outs, start = [], 0
+    for weight, down, up, scale, bias in zip(weights, downs, ups, scales, biases, strict=True):
+        rank = down.shape[0]
+        w = _folded(weight, down, up, scale) if fold else weight
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        if not fold:
+            y.addmm_(u[:, start:start + rank], up.t(), alpha=scale)
+        outs.append(y.view(*x.shape[:-1], weight.shape[0]))
+        start += rank
+    return outs, u, stacked, d2
 
 
 class FusedLinearLowRank(torch.autograd.Function):
@@ -105,16 +155,8 @@ class FusedLinearLowRank(torch.autograd.Function):
                 has_bias: tuple[bool, ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights, downs, ups = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
         biases = iter(tensors[3 * n:])
-        x2 = x.reshape(-1, x.shape[-1])
-        d2 = x2 if branch is None else branch.reshape(-1, branch.shape[-1])
-        stacked = torch.cat(downs) if n > 1 else downs[0]
-        u = torch.mm(d2, stacked.t())
-        outs, start = [], 0
-        for weight, down, up, scale, bias in zip(weights, downs, ups, scales, has_bias, strict=True):
-            y = torch.addmm(next(biases), x2, weight.t()) if bias else torch.mm(x2, weight.t())
-            y.addmm_(u[:, start:start + down.shape[0]], up.t(), alpha=scale)
-            outs.append(y.view(*x.shape[:-1], weight.shape[0]))
-            start += down.shape[0]
+        outs, u, stacked, d2 = _site_products(x, branch, weights, downs, ups, scales,
+                                              [next(biases) if b else None for b in has_bias], for_backward=True)
         ctx.save_for_backward(d2, u, stacked, *weights, *ups)
         ctx.meta = (n, scales, has_bias, x.shape, None if branch is None else branch.shape,
                     [d.shape[0] for d in downs])
@@ -129,28 +171,35 @@ class FusedLinearLowRank(torch.autograd.Function):
         need_x, need_branch = need[0], branch_shape is not None and need[1]
         need_downs = any(need[5 + n:5 + 2 * n])
         need_ups = need[5 + 2 * n:5 + 3 * n]
-        low = need_downs or need_branch or (need_x and branch_shape is None)
         tokens = d2.shape[0]
-        g_low_t = torch.empty(sum(ranks), tokens, dtype=u.dtype, device=u.device) if low else None
+        # the input's gradient: rows against the group's out-features
+        fold = need_x and branch_shape is None and _folds(tokens, sum(w.shape[0] for w in weights), u.dtype)
+        low_into_x = need_x and branch_shape is None and not fold
+        # g_low = [s_1 g_1 B_1, s_2 g_2 B_2, ...], [tokens, Σ r] (row-major: the faster layout here)
+        g_low = torch.empty(tokens, sum(ranks), dtype=u.dtype, device=u.device) \
+            if need_downs or need_branch or low_into_x else None
+        ignored = u.new_zeros(())  # addmm's input where beta=0: the product alone, scaled by alpha
         gx = None
         up_grads: list[torch.Tensor | None] = []
         start = 0
         for weight, up, scale, rank, grad, wants_up in zip(weights, ups, scales, ranks, grads, need_ups, strict=True):
             g2 = grad.reshape(-1, grad.shape[-1])
-            up_grads.append(torch.mm(g2.t(), u[:, start:start + rank]).mul_(scale) if wants_up else None)
-            if low:
-                torch.mm((up * scale).t(), g2.t(), out=g_low_t[start:start + rank])  # (s g B)ᵀ
+            up_grads.append(torch.addmm(ignored, g2.t(), u[:, start:start + rank], beta=0, alpha=scale)
+                            if wants_up else None)
+            if g_low is not None:
+                g_low[:, start:start + rank].addmm_(g2, up, beta=0, alpha=scale)
             if need_x:
-                gx = torch.mm(g2, weight) if gx is None else gx.addmm_(g2, weight)
+                w = _folded(weight, stacked[start:start + rank], up, scale) if fold else weight
+                gx = torch.mm(g2, w) if gx is None else gx.addmm_(g2, w)
             start += rank
         down_grads: list[torch.Tensor | None] = [None] * n
         if need_downs:
-            down_grads = list(torch.mm(g_low_t, d2).split(ranks))
+            down_grads = list(torch.mm(g_low.t(), d2).split(ranks))
         g_branch = None
         if need_branch:
-            g_branch = torch.mm(g_low_t.t(), stacked).view(branch_shape)
-        elif need_x and branch_shape is None:
-            gx = gx.addmm_(g_low_t.t(), stacked)
+            g_branch = torch.mm(g_low, stacked).view(branch_shape)
+        elif low_into_x:
+            gx = gx.addmm_(g_low, stacked)
         if gx is not None:
             gx = gx.view(x_shape)
         return (gx, g_branch, None, None, None, *([None] * n), *down_grads, *up_grads,

@@ -89,19 +89,21 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1, scale: float = 0.1
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def outputs_and_grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The first output (logits, or an encoder's hidden states) of one `batch(2, 6)` and every
-    parameter's gradient of its mean square."""
+def outputs_and_grads(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The first output (logits, or an encoder's hidden states) of ``inputs`` (default: one
+    `batch(2, 6)`) and every parameter's gradient of its mean square."""
     model.zero_grad(set_to_none=True)
-    logits = model(**batch(2, 6))[0]
+    logits = model(**(inputs or batch(2, 6)))[0]
     logits.square().mean().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_outputs_and_grads(a: torch.nn.Module, b: torch.nn.Module) -> None:
+def assert_same_outputs_and_grads(a: torch.nn.Module, b: torch.nn.Module,
+                                  inputs: dict[str, torch.Tensor] | None = None) -> None:
     """Two models compute the same logits and gradients (float32: 1e-5)."""
-    out_a, grads_a = outputs_and_grads(a)
-    out_b, grads_b = outputs_and_grads(b)
+    out_a, grads_a = outputs_and_grads(a, inputs)
+    out_b, grads_b = outputs_and_grads(b, inputs)
     assert (out_a - out_b).abs().max().item() < 1e-5
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:

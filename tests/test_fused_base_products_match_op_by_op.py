@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FixedMask, assert_same_outputs_and_grads, batch, make_spec, randomize_adapters
+from conftest import (
+    FixedMask,
+    assert_same_outputs_and_grads,
+    batch,
+    make_spec,
+    outputs_and_grads,
+    randomize_adapters,
+)
 from torch import nn
 
 import pefc
@@ -71,6 +78,62 @@ def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, group
     assert calls.count == 2 * groups
     with torch.no_grad():
         assert (plain(**batch(2, 6))[0] - lowered(**batch(2, 6))[0]).abs().max().item() < 1e-5
+
+
+class _Folds:
+    """Counts the weights ``W + s B A`` the fused node folds, in forward and in backward."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        folded = fused_linear._folded
+
+        def counted(*args: object) -> torch.Tensor:
+            self.count += 1
+            return folded(*args)
+        monkeypatch.setattr(fused_linear, "_folded", counted)
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+LONG = batch(4, 16)  # 64 rows: more than the 32 features into q/k/v/o and gate/up
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "lora"), ("llama", "dora"), ("qwen2", "lora")])
+def test_long_inputs_fold_the_update_into_the_weight(family, method, monkeypatch):
+    """Without dropout, ``x (W + s B A)ᵀ`` where the rows outnumber the features: forward at q/k/v,
+    o, gate and up (not down: 64 features), backward (the input's gradient) at o and down (32
+    out-features each; not q/k/v nor gate/up: 64 and 128). The same math as op by op (float64,
+    1e-12) and, in float32, as close to the float64 result as the op-by-op code (1e-5)."""
+    plain, lowered = _pair(family, method)
+    plain64, lowered64 = plain.clone().to(torch.float64), lowered.clone().to(torch.float64)
+    folds = _Folds(monkeypatch)
+    out, grads = outputs_and_grads(lowered64, LONG)
+    assert folds.take() == 2 * (6 + 2)
+    exact, exact_grads = outputs_and_grads(plain64, LONG)
+    assert (out - exact).abs().max().item() < 1e-12
+    for name, grad in grads.items():
+        assert torch.allclose(grad, exact_grads[name], rtol=1e-10, atol=1e-12), name
+    for model in (plain, lowered):
+        assert (outputs_and_grads(model, LONG)[0].double() - exact).abs().max().item() < 1e-5
+    with torch.no_grad():  # inference: the same folds, no down-projection kept for backward
+        folds.take()
+        assert (lowered64(**LONG)[0] - out).abs().max().item() < 1e-12
+        assert folds.take() == 2 * 6
+    outputs_and_grads(lowered)  # 12 rows: no fold
+    assert folds.take() == 0
+
+
+def test_half_precision_keeps_the_update_apart(monkeypatch):
+    """A bfloat16 ``W + s B A`` would round the update to ``W``'s grid: no fold at any length."""
+    plain, lowered = _pair("llama", "lora")
+    plain, lowered = plain.to(torch.bfloat16), lowered.to(torch.bfloat16)
+    folds, calls = _Folds(monkeypatch), _Calls(monkeypatch)
+    out_plain, out_lowered = outputs_and_grads(plain, LONG)[0], outputs_and_grads(lowered, LONG)[0]
+    assert calls.count == LOWERED and folds.count == 0
+    assert out_lowered.dtype == torch.bfloat16
+    assert (out_plain.float() - out_lowered.float()).abs().max().item() < 0.05
 
 
 def test_lowering_leaves_the_graph_as_it_was():
