@@ -91,6 +91,9 @@ def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Membe
     return tuple(module.finish(out, *extra) for (module, _, _, extra), out in zip(members, outs, strict=True))
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tensor], ups: list[torch.Tensor]) -> bool:
     """Plain tensors of one dtype and device, a frozen base, and every module willing
     (``fuses_base()``: e.g. DoRA's ``dropout_scope: update`` while training is not)."""
@@ -106,9 +109,6 @@ def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tenso
         if bias is not None:
             tensors.append(bias)
     return all(type(t) in _PLAIN and t.dtype == dtype and t.device == device for t in tensors)
-
-
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def _folds(tokens: int, features: int, dtype: torch.dtype) -> bool:
