@@ -47,17 +47,31 @@ def _pair(family: str, method: str, **keys: object) -> tuple[pefc.CompiledModel,
     return plain, lowered
 
 
-class _Calls:
-    """Counts the fused autograd node's calls."""
+class _Counted:
+    """Counts the calls of ``owner.name`` (patched for the test)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
         self.count = 0
-        apply = fused_linear.FusedLinearLowRank.apply
+        original = getattr(owner, name)
 
         def counted(*args: object) -> object:
             self.count += 1
-            return apply(*args)
-        monkeypatch.setattr(fused_linear.FusedLinearLowRank, "apply", counted)
+            return original(*args)
+        monkeypatch.setattr(owner, name, counted)
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch) -> _Counted:
+    """The fused autograd node's calls."""
+    return _Counted(monkeypatch, fused_linear.FusedLinearLowRank, "apply")
+
+
+def _count_folds(monkeypatch: pytest.MonkeyPatch) -> _Counted:
+    """The weights ``W + s B A`` the fused node folds, in forward and in backward."""
+    return _Counted(monkeypatch, fused_linear, "_folded")
 
 
 @pytest.mark.parametrize(("family", "method", "groups"), [
@@ -71,30 +85,13 @@ def test_lowered_sites_match_op_by_op_in_training_and_eval(family, method, group
     plain, lowered = _pair(family, method, dropout=0.2)
     assert lowered.pefc.extras["fusion"]["base_products"] == groups
     assert ("fused_linear_sites" in lowered.code) == (groups > 0) and "fused_linear_sites" not in plain.code
-    calls = _Calls(monkeypatch)
+    calls = _count_calls(monkeypatch)
     for mode in (True, False):
         plain.train(mode), lowered.train(mode)
         assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 2 * groups
     with torch.no_grad():
         assert (plain(**batch(2, 6))[0] - lowered(**batch(2, 6))[0]).abs().max().item() < 1e-5
-
-
-class _Folds:
-    """Counts the weights ``W + s B A`` the fused node folds, in forward and in backward."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        folded = fused_linear._folded
-
-        def counted(*args: object) -> torch.Tensor:
-            self.count += 1
-            return folded(*args)
-        monkeypatch.setattr(fused_linear, "_folded", counted)
-
-    def take(self) -> int:
-        count, self.count = self.count, 0
-        return count
 
 
 LONG = batch(4, 16)  # 64 rows: more than the 32 features into q/k/v/o and gate/up
@@ -108,7 +105,7 @@ def test_long_inputs_fold_the_update_into_the_weight(family, method, monkeypatch
     1e-12) and, in float32, as close to the float64 result as the op-by-op code (1e-5)."""
     plain, lowered = _pair(family, method)
     plain64, lowered64 = plain.clone().to(torch.float64), lowered.clone().to(torch.float64)
-    folds = _Folds(monkeypatch)
+    folds = _count_folds(monkeypatch)
     out, grads = outputs_and_grads(lowered64, LONG)
     assert folds.take() == 2 * (6 + 2)
     exact, exact_grads = outputs_and_grads(plain64, LONG)
@@ -129,7 +126,7 @@ def test_half_precision_keeps_the_update_apart(monkeypatch):
     """A bfloat16 ``W + s B A`` would round the update to ``W``'s grid: no fold at any length."""
     plain, lowered = _pair("llama", "lora")
     plain, lowered = plain.to(torch.bfloat16), lowered.to(torch.bfloat16)
-    folds, calls = _Folds(monkeypatch), _Calls(monkeypatch)
+    folds, calls = _count_folds(monkeypatch), _count_calls(monkeypatch)
     out_plain, out_lowered = outputs_and_grads(plain, LONG)[0], outputs_and_grads(lowered, LONG)[0]
     assert calls.count == LOWERED and folds.count == 0
     assert out_lowered.dtype == torch.bfloat16
@@ -157,7 +154,7 @@ def test_per_site_masks_lower_each_site_alone():
 def test_dora_update_scope_runs_op_by_op_while_training(monkeypatch):
     """HF PEFT's formulation feeds W0 drop(x): not the fused form, so the node computes it op by op."""
     plain, lowered = _pair("llama", "dora", dropout=0.2, dropout_scope="update")
-    calls = _Calls(monkeypatch)
+    calls = _count_calls(monkeypatch)
     plain.train(), lowered.train()
     assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 0
@@ -170,7 +167,7 @@ def test_a_trainable_base_weight_gets_its_gradient_op_by_op(monkeypatch):
     plain, lowered = _pair("llama", "lora")
     for model in (plain, lowered):
         model.get_parameter("model.layers.0.self_attn.q_proj.weight").requires_grad_(True)
-    calls = _Calls(monkeypatch)
+    calls = _count_calls(monkeypatch)
     assert_same_outputs_and_grads(plain, lowered)  # compares the base weight's gradient too
     assert calls.count == LOWERED - 1  # q/k/v of layer 0 run op by op
 
@@ -178,7 +175,7 @@ def test_a_trainable_base_weight_gets_its_gradient_op_by_op(monkeypatch):
 def test_lowered_sites_train_under_gradient_checkpointing(monkeypatch):
     plain, lowered = _pair("llama", "lora")
     lowered.gradient_checkpointing_enable()
-    calls = _Calls(monkeypatch)
+    calls = _count_calls(monkeypatch)
     plain.train(), lowered.train()
     assert_same_outputs_and_grads(plain, lowered)
     assert calls.count == 2 * LOWERED  # each layer's region runs again in backward
@@ -187,7 +184,7 @@ def test_lowered_sites_train_under_gradient_checkpointing(monkeypatch):
 def test_autocast_runs_op_by_op(monkeypatch):
     """Autocast picks each op's dtype; the fused node's in-place sums would mix them."""
     plain, lowered = _pair("llama", "lora")
-    calls = _Calls(monkeypatch)
+    calls = _count_calls(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_plain, out_lowered = plain(**batch(2, 6)).logits, lowered(**batch(2, 6)).logits
     assert out_lowered.dtype == torch.bfloat16 and calls.count == 0
