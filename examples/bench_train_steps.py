@@ -22,8 +22,9 @@ import torch
 import yaml
 
 import pefc
+from pefc import cpu_gemm
 from pefc.atomic import write_text
-from pefc.bench import run_train_steps_bench
+from pefc.bench import cpu_gemm_report, run_train_steps_bench
 from pefc.spec import parse_spec, read_spec_data
 
 
@@ -45,18 +46,26 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dims", nargs="*", default=["batch=4", "seq=128"], metavar="NAME=SIZE")
     parser.add_argument("--json", type=Path, help="also write the medians and ratios here")
+    parser.add_argument("--gemm", nargs="*", default=[], choices=cpu_gemm.MODES, metavar="MODE",
+                        help="also time pefc's model with its lowered products in these pefc.cpu_gemm modes "
+                             "(auto, torch, onednn)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = {name: int(size) for name, size in (item.split("=") for item in args.dims)}
     rows = run_train_steps_bench({case: load_case(case) for case in args.cases}, repeats=args.repeats,
-                                 warmup=args.warmup, dims=sizes)
-    print(f"threads {args.threads}, dims {sizes}, medians of {args.repeats}, load {os.getloadavg()[0]:.2f}")
-    print(f"{'case':<60} {'pefc ms':>9} {'peft ms':>9} {'pefc/peft':>10} {'(wall)':>7}")
+                                 warmup=args.warmup, dims=sizes, gemm_modes=tuple(args.gemm))
+    gemm = cpu_gemm_report()
+    print(f"threads {args.threads}, dims {sizes}, medians of {args.repeats}, load {os.getloadavg()[0]:.2f}, "
+          f"cpu gemm {gemm['mode']} ({', '.join(f'{k} {n}' for k, n in gemm['shapes'].items())} shapes)")
+    extra = "".join(f" {f'{mode} gemm':>11}" for mode in args.gemm)
+    print(f"{'case':<48} {'pefc ms':>8} {'peft ms':>8} {'pefc/peft':>9} {'(wall)':>7}{extra}")
     for row in rows:
-        print(f"{row['case']:<60} {row['pefc_ms']:9.1f} {row['peft_ms']:9.1f} {row['pefc/peft']:10.3f} "
-              f"{row['wall pefc/peft']:7.3f}")
+        extra = "".join(f" {row[f'pefc/peft ({mode} gemm)']:11.3f}" for mode in args.gemm)
+        print(f"{row['case']:<48} {row['pefc_ms']:8.1f} {row['peft_ms']:8.1f} {row['pefc/peft']:9.3f} "
+              f"{row['wall pefc/peft']:7.3f}{extra}")
     if args.json:
-        write_text(args.json, json.dumps({"threads": args.threads, "dims": sizes, "cases": rows}, indent=2))
+        write_text(args.json, json.dumps({"threads": args.threads, "dims": sizes, "cpu_gemm": gemm, "cases": rows},
+                                         indent=2))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from pefc import cpu_gemm
 from pefc.compiled import CompiledModel
 from pefc.compiler import compile as compile_spec
 from pefc.errors import SpecError
@@ -57,6 +58,9 @@ class BenchReport:
     #: the clock of the timings (:data:`CLOCKS`) and the threads PyTorch ran on
     clock: str = "wall"
     threads: int = field(default_factory=torch.get_num_threads)
+    #: how the lowered products chose their CPU library (:mod:`pefc.cpu_gemm`): ``mode`` and, per
+    #: library, the shapes it got
+    cpu_gemm: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +77,9 @@ class BenchReport:
         lines += [""] + [f"{name:<28} {value:>10.3f}" for name, value in self.ratios.items()]
         if self.peft.get("skipped"):
             lines.append(f"HF PEFT: skipped ({self.peft['skipped']})")
+        if self.cpu_gemm.get("shapes"):
+            shapes = ", ".join(f"{library} {n}" for library, n in self.cpu_gemm["shapes"].items())
+            lines.append(f"cpu gemm {self.cpu_gemm['mode']}: shapes per library: {shapes}")
         return "\n".join(lines)
 
 
@@ -146,6 +153,23 @@ def _round_robin(runs: dict[Any, Callable[[], Any]], device: torch.device, repea
     return times
 
 
+#: the train-step row of pefc's model with every lowered product in torch's BLAS (:mod:`pefc.cpu_gemm`)
+TORCH_GEMM_ROW = "pefc (torch gemm)"
+
+
+def _in_gemm_mode(mode: str, run: Callable[[], Any]) -> Callable[[], Any]:
+    def in_mode() -> Any:
+        with cpu_gemm.using(mode):
+            return run()
+    return in_mode
+
+
+def cpu_gemm_report() -> dict[str, Any]:
+    """``{"mode", "shapes": {library: count}}``: what :mod:`pefc.cpu_gemm` has chosen in this process."""
+    chosen = list(cpu_gemm.choices().values())
+    return {"mode": cpu_gemm.mode(), "shapes": {library: chosen.count(library) for library in ("onednn", "torch")}}
+
+
 def _loss(output: Any) -> torch.Tensor:
     """A generic scalar loss: mean square of the first floating output (same for every model)."""
     leaf = next(t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -203,12 +227,17 @@ def run_bench(spec: SpecBase, *, device: str | None = None, repeats: int = 20, w
     report.ratios["forward merged/base"] = report.forward["merged"].median_ms / report.forward["base"].median_ms
     compiled.train()
     steps = {"pefc": _train_step(compiled, inputs)}
+    if target.type == "cpu" and cpu_gemm.mode() != "torch" and cpu_gemm.onednn_available():
+        steps[TORCH_GEMM_ROW] = _in_gemm_mode("torch", _train_step(compiled.clone().train(), inputs))
     reference = _peft_reference(report, spec, base, compiled, target) if compare_peft else None
     if reference is not None:
         steps["peft"] = _train_step(reference, inputs)
     report.train_step = _measure(steps, target, repeats, warmup, clock=clock)
+    report.cpu_gemm = cpu_gemm_report()
     if reference is not None:
-        report.ratios["train pefc/peft"] = report.train_step["pefc"].median_ms / report.train_step["peft"].median_ms
+        for row in ("pefc", TORCH_GEMM_ROW):
+            if row in report.train_step:
+                report.ratios[f"train {row}/peft"] = report.train_step[row].median_ms / report.train_step["peft"].median_ms
         pefc_peak, peft_peak = report.train_step["pefc"].peak_mb, report.train_step["peft"].peak_mb
         if pefc_peak is not None and peft_peak:
             report.ratios["train peak pefc/peft"] = pefc_peak / peft_peak
@@ -258,10 +287,14 @@ def peft_reference(spec: SpecBase, base: nn.Module, compiled: CompiledModel,
 
 
 def run_train_steps_bench(cases: dict[str, SpecBase], *, repeats: int = 15, warmup: int = 3,
-                          dims: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                          dims: dict[str, int] | None = None, gemm_modes: tuple[str, ...] = ()
+                          ) -> list[dict[str, Any]]:
     """One train step of pefc and of HF PEFT for every case, every model timed in turn in one loop
     (so drift in clock speed or load falls on all alike), on CPU: per case ``{"case", "pefc_ms",
-    "peft_ms", "pefc/peft", "wall pefc/peft"}``, medians of CPU time (and the ratio of wall time)."""
+    "peft_ms", "pefc/peft", "wall pefc/peft"}``, medians of CPU time (and the ratio of wall time).
+
+    ``gemm_modes`` (:mod:`pefc.cpu_gemm`) also times pefc's model, a copy of it, in each of these
+    modes: ``"pefc_ms (MODE gemm)"`` and ``"pefc/peft (MODE gemm)"``."""
     device = torch.device("cpu")
     steps: dict[tuple[str, str], Callable[[], None]] = {}
     for name, spec in cases.items():
@@ -274,13 +307,19 @@ def run_train_steps_bench(cases: dict[str, SpecBase], *, repeats: int = 15, warm
         if reference is None:
             raise SpecError(f"{name}: {info['skipped']}")
         steps[(name, "pefc")], steps[(name, "peft")] = _train_step(compiled, inputs), _train_step(reference, inputs)
+        for mode in gemm_modes:
+            steps[(name, f"pefc ({mode} gemm)")] = _in_gemm_mode(mode, _train_step(compiled.clone().train(), inputs))
     times = _round_robin(steps, device, repeats, warmup, ("cpu", "wall"))
     rows = []
     for name in cases:
-        ms, wall_ms = ({side: statistics.median(times[clock][(name, side)]) for side in ("pefc", "peft")}
-                       for clock in ("cpu", "wall"))
-        rows.append({"case": name, "pefc_ms": ms["pefc"], "peft_ms": ms["peft"], "pefc/peft": ms["pefc"] / ms["peft"],
-                     "wall pefc/peft": wall_ms["pefc"] / wall_ms["peft"]})
+        ms, wall_ms = ({side: statistics.median(times[clock][key]) for key in steps if key[0] == name
+                        for side in [key[1]]} for clock in ("cpu", "wall"))
+        row = {"case": name, "pefc_ms": ms["pefc"], "peft_ms": ms["peft"], "pefc/peft": ms["pefc"] / ms["peft"],
+               "wall pefc/peft": wall_ms["pefc"] / wall_ms["peft"]}
+        for mode in gemm_modes:
+            row[f"pefc_ms ({mode} gemm)"] = ms[f"pefc ({mode} gemm)"]
+            row[f"pefc/peft ({mode} gemm)"] = ms[f"pefc ({mode} gemm)"] / ms["peft"]
+        rows.append(row)
     return rows
 
 

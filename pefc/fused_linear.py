@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pefc.cpu_gemm import linear
+
 #: one site: (module, base weight, base bias or None, the module's arguments after ``y``)
 Member = tuple[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Any, ...]]
 
@@ -133,12 +135,12 @@ def _site_products(x: torch.Tensor, branch: torch.Tensor | None, weights: Sequen
     d2 = x2 if branch is None else branch.reshape(-1, branch.shape[-1])
     stacked = torch.cat(downs) if len(downs) > 1 else downs[0]
     fold = branch is None and _folds(*x2.shape, x.dtype)  # rows against in-features
-    u = torch.mm(d2, stacked.t()) if for_backward or not fold else None
+    u = linear(d2, stacked) if for_backward or not fold else None
     outs, start = [], 0
     for weight, down, up, scale, bias in zip(weights, downs, ups, scales, biases, strict=True):
         rank = down.shape[0]
         w = _folded(weight, down, up, scale) if fold else weight
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+        y = linear(x2, w, bias)
         if not fold:
             y.addmm_(u[:, start:start + rank], up.t(), alpha=scale)
         outs.append(y.view(*x.shape[:-1], weight.shape[0]))
@@ -190,16 +192,16 @@ class FusedLinearLowRank(torch.autograd.Function):
                 g_low[:, start:start + rank].addmm_(g2, up, beta=0, alpha=scale)
             if need_x:
                 w = _folded(weight, stacked[start:start + rank], up, scale) if fold else weight
-                gx = torch.mm(g2, w) if gx is None else gx.addmm_(g2, w)
+                gx = linear(g2, w.t(), add=gx)
             start += rank
         down_grads: list[torch.Tensor | None] = [None] * n
         if need_downs:
-            down_grads = list(torch.mm(g_low.t(), d2).split(ranks))
+            down_grads = list(linear(g_low.t(), d2.t()).split(ranks))
         g_branch = None
         if need_branch:
-            g_branch = torch.mm(g_low, stacked).view(branch_shape)
+            g_branch = linear(g_low, stacked.t()).view(branch_shape)
         elif low_into_x:
-            gx = gx.addmm_(g_low, stacked)
+            gx = linear(g_low, stacked.t(), add=gx)
         if gx is not None:
             gx = gx.view(x_shape)
         return (gx, g_branch, None, None, None, *([None] * n), *down_grads, *up_grads,

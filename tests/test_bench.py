@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_docs_snippets import blocks_run_by
 
+from pefc import cpu_gemm
 from pefc.bench import check_clock
 from pefc.cli import main
 from pefc.errors import SpecError
@@ -28,6 +29,9 @@ def test_bench_json_has_every_field(spec, capsys):
     assert data["dims"] == {"batch": 2, "seq": 16}
     assert set(data["forward"]) == {"base", "adapted", "merged"}
     assert {"pefc", "peft"} <= set(data["train_step"])
+    # the same model with its lowered products in torch's BLAS, beside pefc's default choice
+    assert ("pefc (torch gemm)" in data["train_step"]) == cpu_gemm.onednn_available()
+    assert data["cpu_gemm"]["mode"] == "auto" and set(data["cpu_gemm"]["shapes"]) == {"onednn", "torch"}
     for row in [*data["forward"].values(), *data["train_step"].values()]:
         assert row["median_ms"] > 0
         assert "peak_mb" in row
@@ -93,6 +97,7 @@ def test_readme_train_steps_command_times_each_case_against_peft(tmp_path, monke
     rows = json.loads(out.read_text())["cases"]
     assert [row["case"] for row in rows] == cases
     assert all(row["pefc_ms"] > 0 and row["peft_ms"] > 0 and row["pefc/peft"] > 0 for row in rows)
+    assert all(row["pefc_ms (torch gemm)"] > 0 and row["pefc/peft (torch gemm)"] > 0 for row in rows)  # --gemm torch
     assert "pefc/peft" in capsys.readouterr().out
     overridden = script.load_case(cases[0])
     assert (overridden.adapters[0].r, overridden.adapters[0].alpha, overridden.adapters[0].dropout) == (16, 32, 0)

@@ -16,7 +16,7 @@ from conftest import (
 from torch import nn
 
 import pefc
-from pefc import fused_linear
+from pefc import cpu_gemm, fused_linear
 from pefc.spec import parse_spec
 
 EVERY_LINEAR = ["@attn.q", "@attn.k", "@attn.v", "@attn.o", "@mlp.gate", "@mlp.up", "@mlp.down"]
@@ -189,3 +189,25 @@ def test_autocast_runs_op_by_op(monkeypatch):
         out_plain, out_lowered = plain(**batch(2, 6)).logits, lowered(**batch(2, 6)).logits
     assert out_lowered.dtype == torch.bfloat16 and calls.count == 0
     assert torch.equal(out_plain, out_lowered)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize(("method", "dropout"), [("lora", 0.0), ("lora", 0.2), ("dora", 0.2)])
+def test_onednn_products_match_torch_products(method, dropout, monkeypatch):
+    """The fused node's products in oneDNN (:mod:`pefc.cpu_gemm`) give torch's BLAS's outputs and
+    gradients, with and without the fold, in training and in inference."""
+    _, lowered = _pair("llama", method, dropout=dropout)
+    calls = _Counted(monkeypatch, cpu_gemm, "_onednn_linear")
+    for inputs in (batch(2, 6), LONG):
+        with cpu_gemm.using("torch"):
+            expected = outputs_and_grads(lowered, inputs)
+        assert calls.take() == 0
+        with cpu_gemm.using("onednn"):
+            out, grads = outputs_and_grads(lowered, inputs)
+            with torch.no_grad():
+                inferred = lowered(**inputs)[0]
+        assert calls.take() > 0
+        assert (out - expected[0]).abs().max().item() < 1e-5 and (inferred - out).abs().max().item() < 1e-5
+        assert grads.keys() == expected[1].keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, expected[1][name], atol=1e-5, rtol=1e-4), name
