@@ -14,6 +14,8 @@ or under inference): the graph a model is captured, exported or compiled as is u
 
 Mode: ``PEFC_CPU_GEMM`` or :func:`set_mode`: ``auto`` (the default, as above), ``torch`` (torch's
 BLAS always, e.g. for results bit-identical to an unlowered model's products) or ``onednn``.
+``auto`` keeps torch's BLAS while ``torch.use_deterministic_algorithms(True)`` is on: each library
+is deterministic, but a timed choice could differ between two runs (as cuDNN's benchmark mode).
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _torch_linear(x, weight, bias, add)
     if _mode == "onednn":
         return _onednn_linear(x, weight, bias, add)
+    if torch.are_deterministic_algorithms_enabled():  # a timed choice could differ from one run to the next
+        return _torch_linear(x, weight, bias, add)
     key = (max(x.shape[0] - 1, 0).bit_length(), x.shape[1], weight.shape[0], x.stride(-1) == 1,
            weight.stride(-1) == 1, bias is not None, add is not None, torch.get_num_threads())
     use_onednn = _choices.get(key)
@@ -102,7 +106,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     add: torch.Tensor | None) -> bool:
     """Plain float32 CPU operands that need no autograd, and oneDNN built in and enabled."""
     tensors = [t for t in (x, weight, bias, add) if t is not None]
-    return (x.device.type == "cpu" and x.dim() == 2
+    return (x.device.type == "cpu" and x.dim() == 2 and x.numel() > 0 and weight.numel() > 0
             and all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) in _PLAIN for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
             and onednn_available())

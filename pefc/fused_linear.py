@@ -19,9 +19,11 @@ weight when the input has more rows than features, and backward does the same fo
 gradient when the rows outnumber the group's output features (:func:`_folds`). Only float32 and
 float64 fold: a half-precision ``W + s B A`` would round the update to ``W``'s grid.
 
-The frozen base gets no weight gradient. The result equals the op-by-op graph up to float
-rounding (sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the
-fused one does not apply (see :func:`_fusable`).
+The frozen base gets no weight gradient. The products go through :func:`pefc.cpu_gemm.linear`
+(on a CPU, the faster of torch's BLAS and oneDNN for each shape), except ``B``'s gradient and the
+scaled updates, which stay in torch. The result equals the op-by-op graph up to float rounding
+(sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the fused one
+does not apply (see :func:`_fusable`).
 """
 
 from __future__ import annotations

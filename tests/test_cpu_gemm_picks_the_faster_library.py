@@ -91,7 +91,8 @@ def test_auto_times_a_shape_once_per_power_of_two_of_rows(monkeypatch):
     assert cpu_gemm.choices() == {}
 
 
-@pytest.mark.parametrize("case", ["float64", "needs autograd", "oneDNN switched off"])
+@pytest.mark.parametrize("case", ["float64", "needs autograd", "no rows", "oneDNN switched off",
+                                  "deterministic algorithms"])
 def test_products_it_cannot_take_stay_in_torch(case, monkeypatch):
     monkeypatch.setattr(cpu_gemm, "_onednn_linear", lambda *a: pytest.fail("oneDNN was called"))
     x, weight = torch.randn(8, 6), torch.randn(4, 6)
@@ -99,9 +100,13 @@ def test_products_it_cannot_take_stay_in_torch(case, monkeypatch):
         x, weight = x.double(), weight.double()
     elif case == "needs autograd":
         weight.requires_grad_(True)
+    elif case == "no rows":
+        x = x[:0]
     elif case == "oneDNN switched off":
         monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    with cpu_gemm.using("onednn"):
+    elif case == "deterministic algorithms":  # auto would time a choice that another run could make otherwise
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    with cpu_gemm.using("auto" if case == "deterministic algorithms" else "onednn"):
         out = cpu_gemm.linear(x, weight)
     assert torch.allclose(out, x @ weight.t())
     assert out.requires_grad == (case == "needs autograd")
