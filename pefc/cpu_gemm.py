@@ -8,9 +8,10 @@ library wins every shape on every machine, so :func:`linear` times both on the o
 the first time it sees a shape (rows rounded up to a power of two, the features, the layouts,
 the thread count) and keeps the faster one, as cuDNN's benchmark mode or an autotuner does.
 
-Only the products of :mod:`pefc.fused_linear` (the lowered base products and low-rank updates of
-adapted sites) call it, and only with nothing that needs autograd (inside an autograd Function,
-or under inference): the graph a model is captured, exported or compiled as is unchanged.
+Two lowerings call it: :mod:`pefc.fused_linear` (the base products and low-rank updates of adapted
+sites) and :mod:`pefc.frozen_linear` (every other frozen ``linear``), both only with nothing that
+needs autograd (inside an autograd Function, or under inference): the graph a model is captured,
+exported or compiled as is unchanged.
 
 Mode: ``PEFC_CPU_GEMM`` or :func:`set_mode`: ``auto`` (the default, as above), ``torch`` (torch's
 BLAS always, e.g. for results bit-identical to an unlowered model's products) or ``onednn``.
@@ -104,13 +105,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     add: torch.Tensor | None) -> bool:
-    """Plain float32 CPU operands that need no autograd, and oneDNN built in and enabled."""
+    """2-d operands oneDNN takes (:func:`takes`), none empty and none needing autograd."""
     tensors = [t for t in (x, weight, bias, add) if t is not None]
-    return (x.device.type == "cpu" and x.dim() == 2 and x.numel() > 0 and weight.numel() > 0
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" and type(t) in _PLAIN for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and onednn_available())
+    return (x.dim() == 2 and x.numel() > 0 and weight.numel() > 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and takes(*tensors))
 
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether oneDNN can run a product of these: plain float32 CPU tensors, and oneDNN's linear
+    built in and enabled (``torch.backends.mkldnn``)."""
+    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and onednn_available())
 
 
 def onednn_available() -> bool:

@@ -20,7 +20,6 @@ import torch.fx as fx
 from pefc import cpu_gemm
 
 _LINEAR = torch.ops.aten.linear.default
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,9 +35,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     if (cpu_gemm.mode() == "torch" or x.dim() < 2 or torch.compiler.is_compiling() or torch.compiler.is_exporting()
             or torch.is_autocast_enabled("cpu") or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-            and cpu_gemm.onednn_available())
+    return cpu_gemm.takes(x, weight) if bias is None else cpu_gemm.takes(x, weight, bias)
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
