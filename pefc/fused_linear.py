@@ -20,8 +20,8 @@ gradient when the rows outnumber the group's output features (:func:`_folds`). O
 float64 fold: a half-precision ``W + s B A`` would round the update to ``W``'s grid.
 
 The frozen base gets no weight gradient. The products go through :func:`pefc.cpu_gemm.linear`
-(on a CPU, the faster of torch's BLAS and oneDNN for each shape), except ``B``'s gradient and the
-scaled updates, which stay in torch. The result equals the op-by-op graph up to float rounding
+(on a CPU, the faster of torch's BLAS and oneDNN for each shape), except the scaled low-rank terms
+(``s u Bᵀ``, ``s g B``, ``B``'s gradient and the fold), which stay in torch's in-place ``addmm``. The result equals the op-by-op graph up to float rounding
 (sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the fused one
 does not apply (see :func:`_fusable`).
 """
