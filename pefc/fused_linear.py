@@ -16,7 +16,7 @@ Where there is no dropout (``d(x) = x``) the node also picks the cheaper associa
 matrix-chain order: ``x (W_i + s_i B_i A_i)ᵀ`` costs ``out·in·r`` multiply-adds for the weight
 against ``tokens·out·r`` for ``(x A_iᵀ) B_iᵀ``, so forward folds the update into a temporary
 weight when the input has more rows than features, and backward does the same for the input's
-gradient when the rows outnumber the group's output features (:func:`_folds`). Only float32 and
+gradient when the rows outnumber the group's output features (:func:`folds`). Only float32 and
 float64 fold: a half-precision ``W + s B A`` would round the update to ``W``'s grid.
 
 The frozen base gets no weight gradient. The products go through :func:`pefc.cpu_gemm.linear`
@@ -115,13 +115,13 @@ def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tenso
     return all(type(t) in _PLAIN and t.dtype == dtype and t.device == device for t in tensors)
 
 
-def _folds(tokens: int, features: int, dtype: torch.dtype) -> bool:
+def folds(tokens: int, features: int, dtype: torch.dtype) -> bool:
     """Whether ``tokens`` rows against ``features`` make ``x (W + s B A)ᵀ`` the cheaper order (see
     the module docstring)."""
     return tokens > features and dtype in (torch.float32, torch.float64)
 
 
-def _folded(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+def folded_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """``W + s B A``, a temporary that no gradient flows through."""
     return torch.addmm(weight, up, down, alpha=scale)
 
@@ -131,17 +131,17 @@ def _site_products(x: torch.Tensor, branch: torch.Tensor | None, weights: Sequen
                    biases: Sequence[torch.Tensor | None], *, for_backward: bool
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(outputs, u, [A_1; A_2; ...], d2)``: every site's ``x W_iᵀ + b_i + s_i u_i B_iᵀ`` (or
-    ``x (W_i + s_i B_i A_i)ᵀ + b_i``, see :func:`_folds`), with ``u = d2 [A_1; ...]ᵀ`` computed
+    ``x (W_i + s_i B_i A_i)ᵀ + b_i``, see :func:`folds`), with ``u = d2 [A_1; ...]ᵀ`` computed
     where the outputs or backward (``for_backward``) need it."""
     x2 = x.reshape(-1, x.shape[-1])
     d2 = x2 if branch is None else branch.reshape(-1, branch.shape[-1])
     stacked = torch.cat(downs) if len(downs) > 1 else downs[0]
-    fold = branch is None and _folds(*x2.shape, x.dtype)  # rows against in-features
+    fold = branch is None and folds(*x2.shape, x.dtype)  # rows against in-features
     u = linear(d2, stacked) if for_backward or not fold else None
     outs, start = [], 0
     for weight, down, up, scale, bias in zip(weights, downs, ups, scales, biases, strict=True):
         rank = down.shape[0]
-        w = _folded(weight, down, up, scale) if fold else weight
+        w = folded_weight(weight, down, up, scale) if fold else weight
         y = linear(x2, w, bias)
         if not fold:
             y.addmm_(u[:, start:start + rank], up.t(), alpha=scale)
@@ -177,7 +177,7 @@ class FusedLinearLowRank(torch.autograd.Function):
         need_ups = need[5 + 2 * n:5 + 3 * n]
         tokens = d2.shape[0]
         # the input's gradient: rows against the group's out-features
-        fold = need_x and branch_shape is None and _folds(tokens, sum(w.shape[0] for w in weights), u.dtype)
+        fold = need_x and branch_shape is None and folds(tokens, sum(w.shape[0] for w in weights), u.dtype)
         low_into_x = need_x and branch_shape is None and not fold
         # g_low = [s_1 g_1 B_1, s_2 g_2 B_2, ...], [tokens, Σ r] (row-major: the faster layout here)
         g_low = torch.empty(tokens, sum(ranks), dtype=u.dtype, device=u.device) \
@@ -193,7 +193,7 @@ class FusedLinearLowRank(torch.autograd.Function):
             if g_low is not None:
                 g_low[:, start:start + rank].addmm_(g2, up, beta=0, alpha=scale)
             if need_x:
-                w = _folded(weight, stacked[start:start + rank], up, scale) if fold else weight
+                w = folded_weight(weight, stacked[start:start + rank], up, scale) if fold else weight
                 gx = linear(g2, w.t(), add=gx)
             start += rank
         down_grads: list[torch.Tensor | None] = [None] * n

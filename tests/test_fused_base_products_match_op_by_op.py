@@ -71,7 +71,7 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch) -> _Counted:
 
 def _count_folds(monkeypatch: pytest.MonkeyPatch) -> _Counted:
     """The weights ``W + s B A`` the fused node folds, in forward and in backward."""
-    return _Counted(monkeypatch, fused_linear, "_folded")
+    return _Counted(monkeypatch, fused_linear, "folded_weight")
 
 
 @pytest.mark.parametrize(("family", "method", "groups"), [
