@@ -22,6 +22,7 @@ from torch import nn
 from pefc import cpu_gemm
 from pefc.frozen_linear import frozen_linear
 from pefc.fused_linear import folded_weight, folds
+from pefc.selection import row_index, stack_rows
 
 _LINEAR = torch.ops.aten.linear.default
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -31,22 +32,23 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 class UniformFoldable(Protocol):
     """A row-wise module ``forward(x, y, index, *stacks)`` that adds a low-rank update to ``y``.
 
-    ``uniform_update(index, *stacks)``: ``(A, B, s)`` when every row's update is ``s (x Aᵀ) Bᵀ``
-    with the same ``A`` ``[r, in]`` and ``B`` ``[out, r]`` (one member for the whole batch, nothing
-    drawn at random), else ``None``."""
+    ``uniform_update(*values)``: given one member's row values (what its stacks hold for it:
+    tensors or numbers), ``(A, B, s)`` when that member's update of every row is ``s (x Aᵀ) Bᵀ``
+    with ``A`` ``[r, in]`` and ``B`` ``[out, r]`` (nothing drawn at random), else ``None``."""
 
-    def uniform_update(self, index: torch.Tensor, *stacks: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None: ...
+    def uniform_update(self, *values: Any) -> tuple[torch.Tensor, torch.Tensor, float] | None: ...
 
 
 def uniform_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: nn.Module,
-                        index: torch.Tensor, *stacks: Any) -> torch.Tensor:
-    """``module(x, x Wᵀ + b, index, *stacks)``, with the rows' shared update folded where it is one."""
-    update = module.uniform_update(index, *stacks) if _eager_inference(x, weight, bias, stacks) else None
-    if update is None:
-        return module(x, frozen_linear(x, weight, bias), index, *stacks)
+                        rows: tuple[Any, ...], stacks: tuple[tuple[Any, ...], ...]) -> torch.Tensor:
+    """``module(x, x Wᵀ + b, index, *stacked)`` with ``index = row_index(*rows)`` and ``stacked[k] =
+    stack_rows(*stacks[k])``; where every row runs one member, that member's update folded instead
+    (and nothing gathered or stacked)."""
+    member = _one_member(*rows) if _eager_inference(x, weight, bias, stacks) else None
+    update = None if member is None else module.uniform_update(*(values[member] for values, _ in stacks))
+    if update is None or not all(t.dtype == x.dtype for t in (weight, update[0], update[1])):
+        return module(x, frozen_linear(x, weight, bias), row_index(*rows), *(stack_rows(*args) for args in stacks))
     down, up, scale = update
-    if not all(t.dtype == x.dtype for t in (weight, down, up)):
-        return module(x, frozen_linear(x, weight, bias), index, *stacks)
     x2 = x.reshape(-1, x.shape[-1])
     if folds(x2.shape[0], x2.shape[1], x.dtype):
         out = cpu_gemm.linear(x2, folded_weight(weight, down, up, scale), bias)
@@ -55,8 +57,20 @@ def uniform_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _eager_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stacks: tuple[Any, ...]) -> bool:
-    tensors = [x, weight, *([] if bias is None else [bias]), *(s for s in stacks if isinstance(s, torch.Tensor))]
+def _one_member(ids: torch.Tensor, enabled: torch.Tensor, slots: tuple[int, ...]) -> int | None:
+    """The member every row runs (its position in ``slots``), or None (mixed rows, none, no rows)."""
+    if ids.numel() == 0:
+        return None
+    slot = int(ids[0])
+    if slot not in slots or not bool(enabled[slot]) or not bool((ids == slot).all()):
+        return None
+    return slots.index(slot)
+
+
+def _eager_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     stacks: tuple[tuple[Any, ...], ...]) -> bool:
+    values = [v for members, _ in stacks for v in members if isinstance(v, torch.Tensor)]
+    tensors = [x, weight, *([] if bias is None else [bias]), *values]
     return (x.dim() >= 2 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
             and not torch.is_autocast_enabled(x.device.type) and all(type(t) in _PLAIN for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
@@ -65,7 +79,8 @@ def _eager_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def lower_uniform_rows(model: fx.GraphModule, graph: fx.Graph) -> int:
     """In ``graph`` (the copy the model's code is generated from), call :func:`uniform_rows_linear`
     for every :class:`UniformFoldable` row-wise module whose base output is a plain ``linear`` of
-    its input on parameters read by ``get_attr``, read by that module alone; return how many."""
+    its input on parameters read by ``get_attr`` and whose row index and stacks are its own
+    (:mod:`pefc.selection`'s helpers), read by that module alone; return how many."""
     lowered = 0
     for node in list(graph.nodes):
         if node.op != "call_module" or node.kwargs or len(node.args) < 3:
@@ -73,16 +88,25 @@ def lower_uniform_rows(model: fx.GraphModule, graph: fx.Graph) -> int:
         if not isinstance(model.get_submodule(node.target), UniformFoldable):
             continue
         x, base, index, *stacks = node.args
-        if not (isinstance(base, fx.Node) and base.target is _LINEAR and not base.kwargs and len(base.users) == 1
-                and base.args[0] is x and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in base.args[1:])):
+        if not (_plain_linear_of(base, x) and _own_call(index, row_index) and all(_own_call(s, stack_rows) for s in stacks)):
             continue
         weight, bias = base.args[1], base.args[2] if len(base.args) > 2 else None
         with graph.inserting_before(node):
             module = graph.get_attr(node.target)
-            lowered_node = graph.call_function(uniform_rows_linear, (x, weight, bias, module, index, *stacks))
+            lowered_node = graph.call_function(uniform_rows_linear, (x, weight, bias, module, index.args,
+                                                                     tuple(s.args for s in stacks)))
         lowered_node.meta = dict(node.meta)
         node.replace_all_uses_with(lowered_node)
-        graph.erase_node(node)
-        graph.erase_node(base)
+        for erased in (node, base, index, *stacks):
+            graph.erase_node(erased)
         lowered += 1
     return lowered
+
+
+def _plain_linear_of(node: Any, x: fx.Node) -> bool:
+    return (isinstance(node, fx.Node) and node.target is _LINEAR and not node.kwargs and len(node.users) == 1
+            and node.args[0] is x and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:]))
+
+
+def _own_call(node: Any, target: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target and len(node.users) == 1

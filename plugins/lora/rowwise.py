@@ -30,13 +30,9 @@ class LoraRows(nn.Module):
         delta = low_rank_rows(self.dropout(x), index, a, b, scaling)
         return y + delta.reshape(y.shape).to(y.dtype)
 
-    def uniform_update(self, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       scaling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """The one member's ``(A, B, s)`` when every row runs it and no dropout draws
-        (``pefc.uniform_rows``); ranks padded to the stack's hold zeros, which add nothing."""
-        if index.numel() == 0 or (self.training and not isinstance(self.dropout, nn.Identity)):
+    def uniform_update(self, a: torch.Tensor, b: torch.Tensor,
+                       scaling: float) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """A member's ``(A, B, s)`` when no dropout draws (``pefc.uniform_rows``: every row runs it)."""
+        if self.training and not isinstance(self.dropout, nn.Identity):
             return None
-        member = int(index[0])
-        if member >= a.shape[0] - 1 or not bool((index == member).all()):  # the last entry: rows of no member
-            return None
-        return a[member], b[member], float(scaling[member])
+        return a, b, float(scaling)
