@@ -37,7 +37,8 @@ _MARGIN = 0.95
 _TIMED_CALLS = 3
 
 Key = tuple[int, ...]
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+#: the tensor types (not subclasses: quantized, DTensor, fake) the lowerings compute on themselves
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _choices: dict[Key, bool] = {}
 
 
@@ -114,7 +115,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def takes(*tensors: torch.Tensor) -> bool:
     """Whether oneDNN can run a product of these: plain float32 CPU tensors, and oneDNN's linear
     built in and enabled (``torch.backends.mkldnn``)."""
-    return (all(type(t) in _PLAIN and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return (all(type(t) in PLAIN_TENSORS and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and onednn_available())
 
 

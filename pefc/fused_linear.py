@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pefc.cpu_gemm import linear
+from pefc.cpu_gemm import PLAIN_TENSORS, linear
 
 #: one site: (module, base weight, base bias or None, the module's arguments after ``y``)
 Member = tuple[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Any, ...]]
@@ -95,8 +95,6 @@ def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Membe
     return tuple(module.finish(out, *extra) for (module, _, _, extra), out in zip(members, outs, strict=True))
 
 
-_PLAIN = (torch.Tensor, nn.Parameter)
-
 
 def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tensor], ups: list[torch.Tensor]) -> bool:
     """Plain tensors of one dtype and device, a frozen base, and every module willing
@@ -112,7 +110,7 @@ def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tenso
         tensors.append(weight)
         if bias is not None:
             tensors.append(bias)
-    return all(type(t) in _PLAIN and t.dtype == dtype and t.device == device for t in tensors)
+    return all(type(t) in PLAIN_TENSORS and t.dtype == dtype and t.device == device for t in tensors)
 
 
 def folds(tokens: int, features: int, dtype: torch.dtype) -> bool:

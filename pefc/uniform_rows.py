@@ -25,7 +25,6 @@ from pefc.fused_linear import folded_weight, folds
 from pefc.selection import row_index, stack_rows
 
 _LINEAR = torch.ops.aten.linear.default
-_PLAIN = (torch.Tensor, nn.Parameter)
 
 
 @runtime_checkable
@@ -72,7 +71,7 @@ def _eager_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     values = [v for members, _ in stacks for v in members if isinstance(v, torch.Tensor)]
     tensors = [x, weight, *([] if bias is None else [bias]), *values]
     return (x.dim() >= 2 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not torch.is_autocast_enabled(x.device.type) and all(type(t) in _PLAIN for t in tensors)
+            and not torch.is_autocast_enabled(x.device.type) and all(type(t) in cpu_gemm.PLAIN_TENSORS for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
