@@ -10,12 +10,14 @@ from pefc.selection import by_row
 
 
 def low_rank_rows(x: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  scaling: torch.Tensor) -> torch.Tensor:
-    """``s_i B_i A_i x`` for each row ``i`` as ``[batch, tokens, out]``; ``a`` ``[n, r, in]``, ``b`` ``[n, out, r]``,
-    ``scaling`` ``[n]`` stacked over the members, ``index`` ``[batch]`` each row's member."""
+                  scaling: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``s_i B_i A_i x`` for each row ``i`` as ``[batch, tokens, out]`` (plus ``add`` of that shape, in one
+    product); ``a`` ``[n, r, in]``, ``b`` ``[n, out, r]``, ``scaling`` ``[n]`` stacked over the members,
+    ``index`` ``[batch]`` each row's member."""
     rows = by_row(x, index.shape[0]).to(a.dtype)
     h = torch.bmm(rows, a[index].transpose(1, 2)) * scaling.to(a.dtype)[index][:, None, None]
-    return torch.bmm(h, b[index].transpose(1, 2))
+    up = b[index].transpose(1, 2)
+    return torch.bmm(h, up) if add is None else torch.baddbmm(add, h, up)
 
 
 class LoraRows(nn.Module):
@@ -27,6 +29,8 @@ class LoraRows(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 scaling: torch.Tensor) -> torch.Tensor:
+        if y.dtype == a.dtype:  # the base output and the update in one product
+            return low_rank_rows(self.dropout(x), index, a, b, scaling, add=by_row(y, index.shape[0])).view(y.shape)
         delta = low_rank_rows(self.dropout(x), index, a, b, scaling)
         return y + delta.reshape(y.shape).to(y.dtype)
 
