@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from pefc import cpu_gemm
+from pefc.lowering import plain_linear
 
 _LINEAR = torch.ops.aten.linear.default
 
@@ -64,8 +65,7 @@ def lower_frozen_linears(model: fx.GraphModule, graph: fx.Graph) -> int:
     every ``aten.linear`` on parameters read by ``get_attr``; return how many."""
     lowered = 0
     for node in graph.nodes:
-        if (node.op == "call_function" and node.target is _LINEAR and not node.kwargs
-                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:])):
+        if plain_linear(node):
             node.target = frozen_linear
             lowered += 1
     return lowered

@@ -21,9 +21,10 @@ float64 fold: a half-precision ``W + s B A`` would round the update to ``W``'s g
 
 The frozen base gets no weight gradient. The products go through :func:`pefc.cpu_gemm.linear`
 (on a CPU, the faster of torch's BLAS and oneDNN for each shape), except the scaled low-rank terms
-(``s u Bᵀ``, ``s g B``, ``B``'s gradient and the fold), which stay in torch's in-place ``addmm``. The result equals the op-by-op graph up to float rounding
-(sums in another order); :func:`fused_linear_sites` takes the op-by-op path whenever the fused one
-does not apply (see :func:`_fusable`).
+(``s u Bᵀ``, ``s g B``, ``B``'s gradient and the fold), which stay in torch's in-place ``addmm``.
+The result equals the op-by-op graph up to float rounding (sums in another order);
+:func:`fused_linear_sites` takes the op-by-op path whenever the fused one does not apply (see
+:func:`_fusable`).
 """
 
 from __future__ import annotations
@@ -91,9 +92,8 @@ def _fused(x: torch.Tensor, branch: torch.Tensor | None, members: Sequence[Membe
         outs = FusedLinearLowRank.apply(x, branch, len(members), scales, tuple(b is not None for b in biases),
                                         *weights, *downs, *ups, *(b for b in biases if b is not None))
     else:  # inference: nothing kept for backward (and no down-projection where the update folds)
-        outs = _site_products(x, branch, weights, downs, ups, scales, biases, for_backward=False)[0]
+        outs = site_products(x, branch, weights, downs, ups, scales, biases, for_backward=False)[0]
     return tuple(module.finish(out, *extra) for (module, _, _, extra), out in zip(members, outs, strict=True))
-
 
 
 def _fusable(x: torch.Tensor, members: Sequence[Member], downs: list[torch.Tensor], ups: list[torch.Tensor]) -> bool:
@@ -124,7 +124,7 @@ def folded_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, sc
     return torch.addmm(weight, up, down, alpha=scale)
 
 
-def _site_products(x: torch.Tensor, branch: torch.Tensor | None, weights: Sequence[torch.Tensor],
+def site_products(x: torch.Tensor, branch: torch.Tensor | None, weights: Sequence[torch.Tensor],
                    downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], scales: Sequence[float],
                    biases: Sequence[torch.Tensor | None], *, for_backward: bool
                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -157,7 +157,7 @@ class FusedLinearLowRank(torch.autograd.Function):
                 has_bias: tuple[bool, ...], *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         weights, downs, ups = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n]
         biases = iter(tensors[3 * n:])
-        outs, u, stacked, d2 = _site_products(x, branch, weights, downs, ups, scales,
+        outs, u, stacked, d2 = site_products(x, branch, weights, downs, ups, scales,
                                               [next(biases) if b else None for b in has_bias], for_backward=True)
         ctx.save_for_backward(d2, u, stacked, *weights, *ups)
         ctx.meta = (n, scales, has_bias, x.shape, None if branch is None else branch.shape,

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from pefc.fused_linear import fused_linear_sites, stacked_down
+from pefc.lowering import plain_linear
 
 if TYPE_CHECKING:
     from pefc.compiled import CompiledModel
@@ -143,7 +144,7 @@ def lower_base_products(model: fx.GraphModule, graph: fx.Graph) -> int:
         if node.op != "call_module" or not isinstance(model.get_submodule(node.target), BaseFusable):
             continue
         base = node.args[1] if len(node.args) > 1 else None
-        if not _plain_linear(base) or len(base.users) != 1:
+        if not plain_linear(base) or len(base.users) != 1:
             continue
         down = node.kwargs.get("down")
         key = down.args[0] if isinstance(down, fx.Node) and down.target is operator.getitem else node
@@ -160,11 +161,6 @@ def lower_base_products(model: fx.GraphModule, graph: fx.Graph) -> int:
             lowered += 1
     model.pefc.extras.setdefault("fusion", {})["base_products"] = lowered
     return lowered
-
-
-def _plain_linear(node: Any) -> bool:
-    return (isinstance(node, fx.Node) and node.target is torch.ops.aten.linear.default and not node.kwargs
-            and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:]))
 
 
 def _lower(model: fx.GraphModule, graph: fx.Graph, members: list[tuple[fx.Node, fx.Node]],

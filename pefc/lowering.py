@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 
 Lowering = Callable[[fx.GraphModule, fx.Graph], Any]
@@ -27,6 +28,13 @@ def add_lowering(model: fx.GraphModule, lowering: Lowering) -> None:
     if lowering not in passes:
         passes.append(lowering)
     model.recompile()
+
+
+def plain_linear(node: Any) -> bool:
+    """Whether ``node`` is an ``aten.linear`` on the model's own weight (and bias), read by ``get_attr``:
+    the base product the lowerings replace."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.linear.default
+            and not node.kwargs and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:]))
 
 
 def lowered_graph(model: fx.GraphModule, graph: fx.Graph) -> fx.Graph:

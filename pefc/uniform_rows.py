@@ -19,12 +19,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pefc import cpu_gemm
+from pefc.cpu_gemm import PLAIN_TENSORS
 from pefc.frozen_linear import frozen_linear
-from pefc.fused_linear import folded_weight, folds
+from pefc.fused_linear import site_products
+from pefc.lowering import plain_linear
 from pefc.selection import row_index, stack_rows
-
-_LINEAR = torch.ops.aten.linear.default
 
 
 @runtime_checkable
@@ -47,13 +46,8 @@ def uniform_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     update = None if member is None else module.uniform_update(*(values[member] for values, _ in stacks))
     if update is None or not all(t.dtype == x.dtype for t in (weight, update[0], update[1])):
         return module(x, frozen_linear(x, weight, bias), row_index(*rows), *(stack_rows(*args) for args in stacks))
-    down, up, scale = update
-    x2 = x.reshape(-1, x.shape[-1])
-    if folds(x2.shape[0], x2.shape[1], x.dtype):
-        out = cpu_gemm.linear(x2, folded_weight(weight, down, up, scale), bias)
-    else:
-        out = cpu_gemm.linear(x2, weight, bias).addmm_(cpu_gemm.linear(x2, down), up.t(), alpha=scale)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    down, up, scale = update  # one site of the fused node's products, in inference
+    return site_products(x, None, [weight], [down], [up], [scale], [bias], for_backward=False)[0][0]
 
 
 def _one_member(ids: torch.Tensor, enabled: torch.Tensor, slots: tuple[int, ...]) -> int | None:
@@ -71,7 +65,7 @@ def _eager_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     values = [v for members, _ in stacks for v in members if isinstance(v, torch.Tensor)]
     tensors = [x, weight, *([] if bias is None else [bias]), *values]
     return (x.dim() >= 2 and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-            and not torch.is_autocast_enabled(x.device.type) and all(type(t) in cpu_gemm.PLAIN_TENSORS for t in tensors)
+            and not torch.is_autocast_enabled(x.device.type) and all(type(t) in PLAIN_TENSORS for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
@@ -87,7 +81,8 @@ def lower_uniform_rows(model: fx.GraphModule, graph: fx.Graph) -> int:
         if not isinstance(model.get_submodule(node.target), UniformFoldable):
             continue
         x, base, index, *stacks = node.args
-        if not (_plain_linear_of(base, x) and _own_call(index, row_index) and all(_own_call(s, stack_rows) for s in stacks)):
+        if not (plain_linear(base) and base.args[0] is x and len(base.users) == 1 and _own_call(index, row_index)
+                and all(_own_call(s, stack_rows) for s in stacks)):
             continue
         weight, bias = base.args[1], base.args[2] if len(base.args) > 2 else None
         with graph.inserting_before(node):
@@ -100,11 +95,6 @@ def lower_uniform_rows(model: fx.GraphModule, graph: fx.Graph) -> int:
             graph.erase_node(erased)
         lowered += 1
     return lowered
-
-
-def _plain_linear_of(node: Any, x: fx.Node) -> bool:
-    return (isinstance(node, fx.Node) and node.target is _LINEAR and not node.kwargs and len(node.users) == 1
-            and node.args[0] is x and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[1:]))
 
 
 def _own_call(node: Any, target: Any) -> bool:

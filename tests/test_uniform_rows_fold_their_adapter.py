@@ -39,7 +39,7 @@ class _Taken:
         def counted_fold(*args: object) -> torch.Tensor:
             self.folded += 1
             return folded_weight(*args)
-        monkeypatch.setattr(uniform_rows, "folded_weight", counted_fold)
+        monkeypatch.setattr(fused_linear, "folded_weight", counted_fold)
         self._linear = uniform_rows.frozen_linear
 
         def counted_rows(*args: object) -> torch.Tensor:
